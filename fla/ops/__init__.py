@@ -1,0 +1,1 @@
+"""Pure tensor functions (no nn.Module, no config): the kernels and their torch references."""

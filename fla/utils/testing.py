@@ -1,0 +1,104 @@
+"""Helpers for the test suite: relative-error comparison, NaN poisoning of fresh allocations, interpreter fixes."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (the error is reported against a zero reference as ||out||)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, ratio: float, atol: float = 0.0) -> None:
+    """Assert that ``out`` matches ``ref`` to relative error ``ratio``; NaN or Inf in either never passes.
+
+    ``atol`` lets a comparison pass when every element differs by at most ``atol`` (for references that are
+    all but zero). Shapes must match exactly.
+    """
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+    for label, t in (("output", out), ("reference", ref)):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise AssertionError(f"{name}: {label} holds {bad} NaN/Inf values of {t.numel()}")
+    if out.numel() == 0:
+        return
+    max_abs = (out.detach().double() - ref.detach().double()).abs().max().item()
+    if atol > 0 and max_abs <= atol:
+        return
+    err = relative_error(out, ref)
+    if not err <= ratio:
+        raise AssertionError(f"{name}: relative error {err:.3e} > {ratio:.1e} (max abs diff {max_abs:.3e})")
+
+
+def _called_from_fla(depth: int = 2) -> bool:
+    frame = sys._getframe(depth)
+    module = frame.f_globals.get("__name__", "")
+    return module == "fla" or (module.startswith("fla.") and not module.startswith("fla.utils.testing"))
+
+
+def _poisoned(result: torch.Tensor) -> torch.Tensor:
+    if result.is_floating_point() or result.is_complex():
+        result.fill_(float("nan"))
+    return result
+
+
+@contextlib.contextmanager
+def poison_fresh_allocations():
+    """Within the context, floating tensors that code inside ``fla`` gets from ``torch.empty``, ``torch.empty_like``
+    or ``Tensor.new_empty`` are filled with NaN, so an output element that a kernel forgot to write shows up as NaN.
+    """
+    originals = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
+
+    def empty(*args, **kwargs):
+        out = originals[0](*args, **kwargs)
+        return _poisoned(out) if _called_from_fla() else out
+
+    def empty_like(*args, **kwargs):
+        out = originals[1](*args, **kwargs)
+        return _poisoned(out) if _called_from_fla() else out
+
+    def new_empty(self, *args, **kwargs):
+        out = originals[2](self, *args, **kwargs)
+        return _poisoned(out) if _called_from_fla() else out
+
+    torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
+
+
+def patch_interpreter_bf16_dot() -> None:
+    """Make ``tl.dot`` on bfloat16 operands correct in the Triton CPU interpreter.
+
+    The interpreter stores bf16 as raw uint16 bits and multiplies those bits as integers; widening both operands to
+    float32 first gives the product a GPU computes (bf16 inputs, fp32 accumulation). Idempotent.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder_cls = interpreter.InterpreterBuilder
+    if getattr(builder_cls.create_dot, "_fla_bf16_patched", False):
+        return
+    original = builder_cls.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._fla_bf16_patched = True
+    builder_cls.create_dot = create_dot
