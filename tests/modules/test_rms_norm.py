@@ -115,3 +115,35 @@ def test_bad_inputs_raise_clear_errors(device):
         FusedRMSNormGated(16, activation="relu")
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         RMSNorm(0)
+
+
+def test_residual_without_prenorm(backend, device):
+    x, r = leaves(torch.randn(5, 3, 40, device=device), torch.randn(5, 3, 40, device=device))
+    y = rms_norm(x, None, residual=r, eps=1e-6)
+    y.backward(torch.ones_like(y))
+    x2, r2 = leaves(x, r)
+    y_ref = reference(x2, None, None, r2, None, "swish", 1e-6)[0]
+    y_ref.backward(torch.ones_like(y_ref))
+    assert_close("y", y, y_ref, 1e-5)
+    assert_close("dx", x.grad, x2.grad, 1e-5)
+    assert_close("dresidual", r.grad, r2.grad, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+def test_rms_norm_large_on_gpu(gated):
+    shape = (4, 2048, 1024) if not gated else (4, 2048, 16, 128)
+    D = shape[-1]
+    x, r, g = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w = 1 + 0.1 * torch.randn(D, device="cuda")
+    x1, r1, g1, w1 = leaves(x, r, g, w)
+    y, s = rms_norm(x1, w1, residual=r1, gate=g1 if gated else None, prenorm=True)
+    dy, ds = torch.randn_like(y), torch.randn_like(s)
+    torch.autograd.backward([y, s], [dy, ds])
+    x2, r2, g2, w2 = leaves(x, r, g, w)
+    y_ref, s_ref = reference(x2, w2, None, r2, g2 if gated else None, "swish", 1e-6)
+    torch.autograd.backward([y_ref, s_ref], [dy.double(), ds.double()])
+    for name, a, b in (("y", y, y_ref), ("dx", x1.grad, x2.grad), ("dr", r1.grad, r2.grad), ("dw", w1.grad, w2.grad)):
+        assert_close(name, a, b, 1e-2)
+    if gated:
+        assert_close("dg", g1.grad, g2.grad, 1e-2)

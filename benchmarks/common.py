@@ -1,0 +1,74 @@
+"""Timing and reporting helpers shared by the benchmark scripts (not a test: nothing here asserts speed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Force ``FLA_BACKEND`` to ``name`` ('torch', 'triton' or 'auto') inside the block."""
+    old = os.environ.get("FLA_BACKEND")
+    os.environ["FLA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLA_BACKEND", None)
+        else:
+            os.environ["FLA_BACKEND"] = old
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100, grad_to_none=None) -> float:
+    """Median time of ``fn()`` in milliseconds, measured with CUDA events by ``triton.testing.do_bench``.
+
+    ``grad_to_none``: tensors whose ``.grad`` is reset between repeats (so backward timings hold no accumulation).
+    """
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                         return_mode="median"))
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def print_table(rows: List[Dict], columns: List[str], title: Optional[str] = None) -> str:
+    """Format ``rows`` (dicts) as a fixed-width text table, print it and return it."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = [] if title is None else [title]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: str, payload) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
