@@ -1,4 +1,4 @@
-"""Helpers shared by the ops: cu_seqlens / position-id index helpers."""
+"""Helpers shared by the ops: cu_seqlens / position-id index helpers, L2 normalisation."""
 
 from fla.ops.utils.index import (
     prepare_chunk_indices,
@@ -12,8 +12,13 @@ from fla.ops.utils.index import (
     prepare_sequence_ids,
     prepare_token_indices,
 )
+from fla.ops.utils.l2norm import l2_norm, l2norm, l2norm_bwd, l2norm_fwd
 
 __all__ = [
+    "l2_norm",
+    "l2norm",
+    "l2norm_bwd",
+    "l2norm_fwd",
     "prepare_chunk_indices",
     "prepare_chunk_offsets",
     "prepare_cu_seqlens_from_lens",
