@@ -49,9 +49,7 @@ def _as_list(out) -> List[torch.Tensor]:
 
 
 def cases(quick: bool) -> List[Case]:
-    from fla.modules import (FusedCrossEntropyLoss, FusedRMSNormGated, GatedMLP, L2Norm, RMSNorm, RotaryEmbedding,
-                             ShortConvolution)
-    from fla.modules.activations import swiglu
+    from fla.modules import FusedRMSNormGated, GatedMLP, L2Norm, RMSNorm, RotaryEmbedding, ShortConvolution, swiglu
 
     B, T = (2, 2048) if quick else (8, 4096)
     N = B * T
@@ -91,6 +89,8 @@ def cases(quick: bool) -> List[Case]:
         return (lambda: mlp(x)), [x] + list(mlp.parameters())
 
     def cross_entropy():
+        from fla.modules.fused_cross_entropy import FusedCrossEntropyLoss
+
         loss = FusedCrossEntropyLoss()
         logits = _leaf(8192, 32000)
         target = torch.randint(0, 32000, (8192,), device="cuda")
@@ -157,7 +157,7 @@ def _time_case(case: Case) -> List[dict]:
 
 def linear_cross_entropy_memory(num_tokens=8192, hidden=1024, vocab=32000, num_chunks=8) -> List[dict]:
     """Peak memory and time of FusedLinearCrossEntropyLoss vs the plain path, with loss and gradient errors."""
-    from fla.modules import FusedLinearCrossEntropyLoss
+    from fla.modules.fused_linear_cross_entropy import FusedLinearCrossEntropyLoss
 
     x = _leaf(num_tokens, hidden)
     w = _leaf(vocab, hidden, scale=0.02)

@@ -7,6 +7,8 @@ The tensor-parallel styles (``fla.modules.parallel.PrepareModuleWeight``, ``fla.
 
 from fla.modules.activations import swiglu, swiglu_linear
 from fla.modules.convolution import ShortConvolution, causal_conv1d, causal_conv1d_update
+from fla.modules.fused_cross_entropy import FusedCrossEntropyLoss, cross_entropy_loss
+from fla.modules.fused_linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy_loss
 from fla.modules.fused_norm_gate import FusedRMSNormGated
 from fla.modules.l2norm import L2Norm
 from fla.modules.layernorm import RMSNorm, rms_norm
@@ -14,6 +16,8 @@ from fla.modules.mlp import GatedMLP
 from fla.modules.rotary import RotaryEmbedding, apply_rotary, rotary_inv_freq
 
 __all__ = [
+    "FusedCrossEntropyLoss",
+    "FusedLinearCrossEntropyLoss",
     "FusedRMSNormGated",
     "GatedMLP",
     "L2Norm",
@@ -23,6 +27,8 @@ __all__ = [
     "apply_rotary",
     "causal_conv1d",
     "causal_conv1d_update",
+    "cross_entropy_loss",
+    "fused_linear_cross_entropy_loss",
     "rms_norm",
     "rotary_inv_freq",
     "swiglu",

@@ -62,7 +62,7 @@ class RMSNormFunction(torch.autograd.Function):
         y, s, rstd = rms_norm_fwd(x2, res2, weight, bias, gate2, activation, eps, store, residual_dtype)
         ctx.save_for_backward(s if store else x2, rstd, weight, bias, gate2)
         ctx.activation, ctx.shape = activation, shape
-        ctx.has_residual, ctx.prenorm = residual is not None, prenorm
+        ctx.prenorm = prenorm
         ctx.x_dtype = x.dtype
         ctx.residual_dtype = residual.dtype if residual is not None else None
         y = y.reshape(shape)
@@ -79,9 +79,10 @@ class RMSNormFunction(torch.autograd.Function):
         D = ctx.shape[-1]
         dres_out = rest[0] if ctx.prenorm else None
         dres_out = dres_out.reshape(-1, D).contiguous() if dres_out is not None else None
-        ds, dg, dw, db = rms_norm_bwd(dy.reshape(-1, D).contiguous(), s, rstd, weight, bias, gate, ctx.activation, dres_out)
-        dx = ds.to(ctx.x_dtype).reshape(ctx.shape)
-        dres = ds.to(ctx.residual_dtype).reshape(ctx.shape) if ctx.has_residual else None
+        dx, dres, dg, dw, db = rms_norm_bwd(dy.reshape(-1, D).contiguous(), s, rstd, weight, bias, gate,
+                                            ctx.activation, dres_out, ctx.x_dtype, ctx.residual_dtype)
+        dx = dx.reshape(ctx.shape)
+        dres = dres.reshape(ctx.shape) if dres is not None else None
         dg = dg.reshape(ctx.shape) if dg is not None else None
         return dx, dw, db, dres, dg, None, None, None, None
 

@@ -200,7 +200,7 @@ def test_module_layout_and_state_dict(device):
     assert isinstance(conv, torch.nn.Conv1d)
     assert list(conv.state_dict()) == ["weight"] and conv.weight.shape == (12, 1, 4)
     assert conv.activation == "silu" and conv.state_size == 48
-    with_bias = ShortConvolution(12, kernel_size=3, bias=True, activation=None)
+    with_bias = ShortConvolution(12, kernel_size=3, bias=True, activation=None).to(device)
     assert sorted(with_bias.state_dict()) == ["bias", "weight"] and with_bias.bias.shape == (12,)
     assert "activation=None" in repr(with_bias)
     # the module computes nn.Conv1d's own causal convolution

@@ -122,7 +122,7 @@ def test_swiglu_linear_only_some_grads(backend, device):
     gate, up = torch.randn(3, 20, device=device), torch.randn(3, 20, device=device)
     weight = torch.randn(6, 20, device=device, requires_grad=True)
     swiglu_linear(gate, up, weight).sum().backward()
-    assert_close("dweight", weight.grad, torch.ones(3, 6, dtype=torch.float64).t() @ swiglu_reference(gate, up), 1e-5)
+    assert_close("dweight", weight.grad, torch.ones(3, 6, dtype=torch.float64, device=device).t() @ swiglu_reference(gate, up), 1e-5)
     g1 = gate.clone().requires_grad_(True)
     swiglu_linear(g1, up, weight.detach()).sum().backward()
     assert g1.grad is not None and torch.isfinite(g1.grad).all()
@@ -299,6 +299,10 @@ def test_prepare_module_weight(one_rank_mesh):
 
 def test_swiglu_linear_parallel_in_a_tp_plan(backend, one_rank_mesh):
     """flame's MLP plan on a 1-rank mesh gives the unsharded module's output and gradients."""
+    from fla.utils import triton_interpreting
+
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("the 1-rank gloo mesh holds CPU tensors: the Triton path runs on them only in the interpreter (CPU CI)")
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,

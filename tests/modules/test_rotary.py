@@ -166,7 +166,7 @@ def test_module_buffer_not_persistent_and_survives_dtype_cast(device):
     rope = RotaryEmbedding(32, base=10000.0, device=device)
     assert "inv_freq" not in rope.state_dict()
     assert rope.inv_freq.dtype == torch.float32 and rope.inv_freq.shape == (16,)
-    assert_close("inv_freq", rope.inv_freq, 1.0 / 10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32), 1e-6)
+    assert_close("inv_freq", rope.inv_freq, 1.0 / 10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64, device=device) / 32), 1e-6)
     q, k = torch.randn(1, 5, 2, 32, device=device), torch.randn(1, 5, 2, 32, device=device)
     ref = rope(q, k, seqlen_offset=1000)
     rope.to(torch.bfloat16)  # casts the float buffer; forward must not use the spoilt frequencies
@@ -177,7 +177,7 @@ def test_module_buffer_not_persistent_and_survives_dtype_cast(device):
         meta = RotaryEmbedding(32)
     meta.to_empty(device=device)
     meta.reset_parameters()
-    assert_close("reset", meta.inv_freq, RotaryEmbedding(32).inv_freq, 0.0)
+    assert_close("reset", meta.inv_freq, RotaryEmbedding(32, device=device).inv_freq, 0.0)
 
 
 def test_bad_inputs_raise_clear_errors(device):
