@@ -35,6 +35,29 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100, g
                                          return_mode="median"))
 
 
+def gpu_kernel_ms(fn: Callable[[], object], iters: int = 10, grad_to_none=None) -> float:
+    """Mean GPU time per call of ``fn()`` summed over the kernels it launches (torch.profiler), in milliseconds.
+
+    Unlike ``bench_ms`` this leaves out the host side (Python, autograd engine, kernel launch latency), which
+    dominates for short kernels timed one call at a time; in a model those launches overlap earlier GPU work.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            if grad_to_none is not None:
+                for t in grad_to_none:
+                    t.grad = None
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    return total_us / iters / 1e3
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float:
     """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated before it, in MiB."""
     torch.cuda.synchronize()

@@ -142,17 +142,13 @@ class CrossEntropyFunction(torch.autograd.Function):
                 inplace_backward):
         from fla.modules.cross_entropy_kernels import cross_entropy_fwd
 
+        # One read of the logits for loss and log-sum-exp; the gradient is written by the backward (one more read
+        # and one write), which beats computing it here and rescaling it there (two more passes over [N, V]).
         grad_scale = counted_tokens_scale(target, ignore_index, reduction)
-        compute_grad = ctx.needs_input_grad[0]
-        dlogits = torch.empty_like(logits) if compute_grad and not inplace_backward else None
-        loss, lse = cross_entropy_fwd(logits, target, ignore_index, label_smoothing, logit_scale, lse_square_scale,
-                                      grad_scale, dlogits)
+        loss, lse = cross_entropy_fwd(logits, target, ignore_index, label_smoothing, logit_scale, lse_square_scale)
         ctx.inplace_backward = inplace_backward
         ctx.options = (ignore_index, label_smoothing, logit_scale, lse_square_scale)
-        if inplace_backward:
-            ctx.save_for_backward(logits, target, lse, grad_scale)
-        else:
-            ctx.save_for_backward(dlogits)
+        ctx.save_for_backward(logits, target, lse, grad_scale)
         if reduction == "none":
             return loss
         return (loss.sum() * grad_scale).squeeze(0)
@@ -160,16 +156,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @autocast_custom_bwd
     def backward(ctx, dloss):
-        if ctx.inplace_backward:
-            from fla.modules.cross_entropy_kernels import cross_entropy_bwd
+        from fla.modules.cross_entropy_kernels import cross_entropy_bwd
 
-            logits, target, lse, grad_scale = ctx.saved_tensors
-            dlogits = cross_entropy_bwd(logits, target, lse, grad_scale, dloss.float(), logits, *ctx.options)
-        else:
-            (dlogits,) = ctx.saved_tensors
-            if dloss.ndim > 0:
-                dloss = dloss.to(dlogits.dtype).unsqueeze(-1)
-            dlogits = dlogits * dloss
+        logits, target, lse, grad_scale = ctx.saved_tensors
+        dlogits = logits if ctx.inplace_backward else torch.empty_like(logits)
+        dlogits = cross_entropy_bwd(logits, target, lse, grad_scale, dloss.float().contiguous(), dlogits, *ctx.options)
         return dlogits, None, None, None, None, None, None, None
 
 
