@@ -8,7 +8,7 @@ xe(p) = h0[..., K + p] for -K <= p < 0. With shift j = K - 1 - k for tap k:
 
     forward:   z_p = b + sum_k w_k * xe(p - j_k);   y_p = act(z_p) (+ residual_p)
                final[..., i] = xe(L - K + i)                       (the last K inputs of the sequence)
-    backward:  dz_p = dy_p * act'(z_p)                             (z recomputed, never stored)
+    backward:  dz_p = dy_p * act'(z_p)                             (z recomputed; dz stored once, float32)
                dx_p = sum_k w_k * dz_{p + j_k}  (p + j_k < L)  (+ dfinal[..., K - L + p] when that index is >= 0)
                dw_k = sum_p dz_p * xe(p - j_k);  db = sum_p dz_p
                dh0[..., m] = sum_{p < m} w_{m - 1 - p} * dz_p  (p < L)  (+ dfinal[..., m - L] when m >= L)
@@ -143,10 +143,28 @@ def _conv_final_state_kernel(
 
 
 @triton.jit
+def _conv_bwd_dz_kernel(
+    X, W, BIAS, H0, DY, CU, SEQ_IDS, DZ,
+    T, C,
+    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # dz = dy * act'(z), once per token (float32), so that the next kernel reads K shifted tiles of it instead of
+    # recomputing z at every shift (K times K loads)
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = i_t * BT + tl.arange(0, BT)
+    c = (i_c * BC + tl.arange(0, BC)).to(tl.int64)
+    cmask = c < C
+    tmask, seq, g, pos, length = _tokens(t, i_b, T, CU, SEQ_IDS, IS_VARLEN)
+    dz = _dz(X, W, BIAS, H0, DY, g, pos, seq, c, tmask, cmask, C, K, BT, BC, ACTIVATION, HAS_BIAS, USE_H0)
+    tl.store(DZ + g[:, None] * C + c[None, :], dz, mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _conv_bwd_kernel(
-    X, W, BIAS, H0, DY, DHT, CU, SEQ_IDS, DX, DW_PART, DB_PART,
+    X, H0, DZ, W, DHT, CU, SEQ_IDS, DX, DW_PART, DB_PART,
     T, C, tiles_per_program,
-    K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
+    K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_H0: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_tp, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -159,17 +177,16 @@ def _conv_bwd_kernel(
         t = (i_tp * tiles_per_program + it) * BT + tl.arange(0, BT)
         tmask, seq, g, pos, length = _tokens(t, i_b, T, CU, SEQ_IDS, IS_VARLEN)
         # the outputs of this tile: dw, db and the j = 0 term of dx
-        dz = _dz(X, W, BIAS, H0, DY, g, pos, seq, c, tmask, cmask, C, K, BT, BC, ACTIVATION, HAS_BIAS, USE_H0)
+        dz = tl.load(DZ + g[:, None] * C + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
         db += tl.sum(dz, axis=0)
         for k in tl.static_range(K):
             v = _load_xe(X, H0, g, pos, seq, c, tmask, cmask, C, K - 1 - k, K, USE_H0)
             dw += tl.where(kk[None, :] == k, tl.sum(dz * v, axis=0)[:, None], 0.0)
         dx = dz * tl.load(W + c * K + (K - 1), mask=cmask, other=0.0).to(tl.float32)[None, :]
-        # later outputs of the same sequence that read this tile's inputs (z recomputed there)
+        # later outputs of the same sequence that read this tile's inputs
         for j in tl.static_range(1, K):
             valid = tmask & (pos + j < length)
-            dz_j = _dz(X, W, BIAS, H0, DY, g + j, pos + j, seq, c, valid, cmask, C, K, BT, BC, ACTIVATION,
-                       HAS_BIAS, USE_H0)
+            dz_j = tl.load(DZ + (g + j)[:, None] * C + c[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             dx += dz_j * tl.load(W + c * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
         if HAS_DHT:
             idx = K - length + pos
@@ -304,10 +321,18 @@ def conv_bwd(x, weight, bias, initial_state, cu_seqlens, seq_ids, activation, dy
     db_part = torch.empty((B * programs_t, C), device=x.device, dtype=torch.float32) if bias is not None else None
     common = dict(ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_DHT=dht is not None,
                   IS_VARLEN=varlen)
+    use_h0 = initial_state is not None
+    dz = torch.empty((B, T, C), device=x.device, dtype=torch.float32)
+    _conv_bwd_dz_kernel[(NT, NC, B)](
+        x, weight, bias, initial_state, dy, cu_seqlens, seq_ids, dz, T, C,
+        K=K, BT=BT, BC=BC, ACTIVATION=common["ACTIVATION"], HAS_BIAS=bias is not None, USE_H0=use_h0,
+        IS_VARLEN=varlen, num_warps=8 if BT * BC >= 8192 else 4,
+    )
     _conv_bwd_kernel[(programs_t, NC, B)](
-        x, weight, bias, initial_state, dy, dht, cu_seqlens, seq_ids, dx, dw_part, db_part,
+        x, initial_state, dz, weight, dht, cu_seqlens, seq_ids, dx, dw_part, db_part,
         T, C, tiles_per_program,
-        K=K, BK=BK, BT=BT, BC=BC, USE_H0=initial_state is not None, **common,
+        K=K, BK=BK, BT=BT, BC=BC, HAS_BIAS=bias is not None, USE_H0=use_h0, HAS_DHT=dht is not None,
+        IS_VARLEN=varlen,
     )
     dh0 = None
     if need_dh0:
