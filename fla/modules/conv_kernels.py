@@ -270,7 +270,7 @@ def _block_c(C: int) -> int:
 
 
 def _block_t() -> int:
-    return 16 if triton_interpreting() else 32
+    return 16 if triton_interpreting() else 64
 
 
 def _num_sms(x: torch.Tensor) -> int:
@@ -285,13 +285,13 @@ def conv_fwd(x, weight, bias, residual, initial_state, cu_seqlens, seq_ids, acti
     B, T, C = x.shape
     K = weight.shape[1]
     varlen = cu_seqlens is not None
-    BT, BC = (64 if not triton_interpreting() else 16), _block_c(C)
+    # 16 x 128 tiles, 4 warps: best of the sweep in benchmarks/modules/tune_kernels.py (H200, C=2048, bf16)
+    BT, BC = 16, _block_c(C)
     y = torch.empty_like(x)
     _conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
         x, weight, bias, residual, initial_state, cu_seqlens, seq_ids, y, T, C,
         K=K, BT=BT, BC=BC, ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen,
-        num_warps=8 if BT * BC >= 8192 else 4,
+        HAS_RESIDUAL=residual is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen, num_warps=4,
     )
     final = None
     if output_final_state:
@@ -312,8 +312,10 @@ def conv_bwd(x, weight, bias, initial_state, cu_seqlens, seq_ids, activation, dy
     varlen = cu_seqlens is not None
     BT, BC, BK = _block_t(), _block_c(C), triton.next_power_of_2(K)
     NC, NT = triton.cdiv(C, BC), triton.cdiv(T, BT)
-    # enough programs to fill the GPU; each loops over a run of time tiles so the dw/db partials stay small
-    programs_t = min(NT, max(1, triton.cdiv(8 * _num_sms(x), B * NC)))
+    # up to 64 programs per SM (in practice one 64 x 128 tile each at C=2048: the sweep in
+    # benchmarks/modules/tune_kernels.py found that best on an H200); longer inputs loop over a run of time tiles
+    # per program, which bounds the dw / db partials
+    programs_t = min(NT, max(1, triton.cdiv(64 * _num_sms(x), B * NC)))
     tiles_per_program = triton.cdiv(NT, programs_t)
     programs_t = triton.cdiv(NT, tiles_per_program)
     dx = torch.empty_like(x)
@@ -323,10 +325,11 @@ def conv_bwd(x, weight, bias, initial_state, cu_seqlens, seq_ids, activation, dy
                   IS_VARLEN=varlen)
     use_h0 = initial_state is not None
     dz = torch.empty((B, T, C), device=x.device, dtype=torch.float32)
-    _conv_bwd_dz_kernel[(NT, NC, B)](
+    # the dz kernel reads like the forward: the forward's 16-token tiles and 4 warps
+    _conv_bwd_dz_kernel[(triton.cdiv(T, 16), NC, B)](
         x, weight, bias, initial_state, dy, cu_seqlens, seq_ids, dz, T, C,
-        K=K, BT=BT, BC=BC, ACTIVATION=common["ACTIVATION"], HAS_BIAS=bias is not None, USE_H0=use_h0,
-        IS_VARLEN=varlen, num_warps=8 if BT * BC >= 8192 else 4,
+        K=K, BT=16, BC=BC, ACTIVATION=common["ACTIVATION"], HAS_BIAS=bias is not None, USE_H0=use_h0,
+        IS_VARLEN=varlen, num_warps=4,
     )
     _conv_bwd_kernel[(programs_t, NC, B)](
         x, initial_state, dz, weight, dht, cu_seqlens, seq_ids, dx, dw_part, db_part,
