@@ -50,21 +50,21 @@ def _cross_entropy_fwd_kernel(
     target = tl.load(TARGET + row).to(tl.int64)
     valid = target != ignore_index
 
-    # Per-lane running max and sum of exp; a finite initial max keeps masked lanes (-inf) from producing NaN.
-    m = tl.full([BLOCK_V], -1e30, dtype=tl.float32)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # Running max and sum of exp per row, rescaled once per vocabulary block, so that each logit costs one exp.
+    # The finite initial max keeps a block of -inf logits (or the masked tail) from producing NaN.
+    m = tl.full([], -1e30, dtype=tl.float32)
+    s = tl.zeros([], dtype=tl.float32)
     z_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = tl.load(row_logits + cols, mask=mask, other=float("-inf")).to(tl.float32) * logit_scale
-        m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
         if HAS_SMOOTHING:
             z_sum += tl.where(mask, z, 0.0)
-    m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    lse = m + tl.log(s)
 
     in_range = (target >= 0) & (target < V)
     z_t = tl.load(row_logits + tl.where(in_range, target, 0)).to(tl.float32) * logit_scale
