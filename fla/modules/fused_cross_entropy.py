@@ -10,10 +10,10 @@ Rows whose target is ``ignore_index`` count 0 and are left out of the mean; a ba
 loss of 0 and zero gradients (``torch.nn.functional.cross_entropy`` gives NaN). The loss is float32 whatever the
 logits' dtype; the gradient has the logits' dtype.
 
-Backends (see ``fla.utils.backend``): on CUDA tensors a Triton kernel (``fla.modules.cross_entropy_kernels``) walks
-each row once for the log-sum-exp and once more to write the gradient during the forward, so that the backward is a
-multiply by the incoming gradient; with ``inplace_backward=True`` the gradient pass is deferred to the backward and
-writes into the logits' memory instead. Elsewhere plain torch ops in float32, differentiated by autograd.
+Backends (see ``fla.utils.backend``): on CUDA tensors Triton kernels (``fla.modules.cross_entropy_kernels``): the
+forward reads each row once for its loss and log-sum-exp; the backward reads it once more and writes the gradient
+(into the logits' own memory with ``inplace_backward=True``). Elsewhere plain torch ops in float32, differentiated by
+autograd.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fla.utils import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, use_triton
 from fla.utils.autocast import autocast_custom_bwd, autocast_custom_fwd
@@ -122,3 +124,24 @@ def test_import_is_cheap_and_side_effect_free():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLA_BACKEND")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@triton.jit
+def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + m[:, None] * K + k[None, :])
+    b = tl.load(B + k[:, None] * N + n[None, :])
+    tl.store(C + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+@pytest.mark.interpret
+def test_interpreter_bf16_dot_is_fixed():
+    """conftest patches the interpreter so that a bf16 tl.dot multiplies values, not their bit patterns."""
+    from fla.utils import triton_interpreting
+
+    if not triton_interpreting():
+        pytest.skip("checks the Triton CPU interpreter; on a GPU the compiled dot is used")
+    a, b = torch.randn(16, 32).bfloat16(), torch.randn(32, 16).bfloat16()
+    c = torch.zeros(16, 16)
+    _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
+    assert_close("bf16 dot", c, a.double() @ b.double(), 1e-5)
