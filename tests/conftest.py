@@ -17,10 +17,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fla.utils.testing import patch_interpreter_bf16_dot, poison_fresh_allocations  # noqa: E402
+from fla.utils.testing import (  # noqa: E402
+    patch_interpreter_bf16_dot,
+    patch_interpreter_bf16_rounding,
+    poison_fresh_allocations,
+)
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     patch_interpreter_bf16_dot()
+    patch_interpreter_bf16_rounding()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

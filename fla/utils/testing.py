@@ -102,3 +102,30 @@ def patch_interpreter_bf16_dot() -> None:
 
     create_dot._fla_bf16_patched = True
     builder_cls.create_dot = create_dot
+
+
+def patch_interpreter_bf16_rounding() -> None:
+    """Make float32 -> bfloat16 casts in the Triton CPU interpreter round to nearest even, as GPUs do.
+
+    The interpreter truncates, which is biased and gives about 4x a GPU's bf16 error: kernels that store bf16
+    intermediates (e.g. the gated delta rule's WY factors) would fail bf16 tolerances that they meet on the GPU.
+    Idempotent.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder_cls = interpreter.InterpreterBuilder
+    if getattr(builder_cls.cast_impl, "_fla_bf16_patched", False):
+        return
+    original = builder_cls.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            return interpreter.TensorHandle(rounded.astype(np.uint16), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl._fla_bf16_patched = True
+    builder_cls.cast_impl = cast_impl

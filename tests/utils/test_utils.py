@@ -145,3 +145,22 @@ def test_interpreter_bf16_dot_is_fixed():
     c = torch.zeros(16, 16)
     _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
     assert_close("bf16 dot", c, a.double() @ b.double(), 1e-5)
+
+
+@triton.jit
+def _to_bf16_kernel(X, Y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(Y + o, tl.load(X + o).to(tl.bfloat16))
+
+
+@pytest.mark.interpret
+def test_interpreter_bf16_cast_rounds_to_nearest_even():
+    from fla.utils import triton_interpreting
+
+    if not triton_interpreting():
+        pytest.skip("checks the Triton CPU interpreter; on a GPU the compiled cast is used")
+    x = torch.randn(64) * torch.logspace(-3, 3, 64)
+    x[:4] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-9, float("inf"), -0.0])  # a tie (to even) and a round-up
+    y = torch.empty(64, dtype=torch.bfloat16)
+    _to_bf16_kernel[(1,)](x, y, N=64)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))  # torch rounds to nearest even
