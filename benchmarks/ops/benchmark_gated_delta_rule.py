@@ -1,0 +1,163 @@
+"""Chunked gated delta rule on one CUDA GPU: forward and forward+backward times (median of do_bench), bf16.
+
+    python -m benchmarks.ops.benchmark_gated_delta_rule [--anchor-path DIR] [--out DIR] [--quick]
+
+Shapes (B, T, H, D = K = V): 8x4096x8x128, 4x4096x8x256, 1x32768x8x128, with ``use_qk_l2norm_in_kernel=True``
+(what the Gated DeltaNet layer calls), inputs needing gradients.
+
+Optional anchor: ``--anchor-path DIR`` where DIR holds upstream flash-linear-attention's ``fla`` package (e.g. the
+unpacked pure-Python fla-core wheel). Its package name collides with ours, so it is timed in a child process that
+sees only DIR (PYTHONPATH=DIR, run outside this repository); the table then shows both and ours/anchor (below 1:
+ours is faster). Upstream refuses its backward on Hopper with Triton < 3.7.1 (its issue #640): such a cell shows the
+error instead of a time.
+
+Writes OUT/gated_delta_rule.{txt,json} (default OUT: benchmarks/results). Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SHAPES = [(8, 4096, 8, 128), (4, 4096, 8, 256), (1, 32768, 8, 128)]
+QUICK_SHAPES = [(2, 2048, 8, 128), (1, 2048, 8, 256)]
+MODES = ("fwd", "fwdbwd")
+RESULT_MARKER = "@@GDN_BENCH_RESULT@@"
+
+
+def measure(shapes, warmup_ms: int = 25, rep_ms: int = 100):
+    """Time ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` from whichever ``fla`` is importable.
+
+    Self-contained (torch, triton and that ``fla`` only) so the child process of the anchor can run it.
+    Returns a list of {"shape", "mode", "ms"} or {"shape", "mode", "error"}.
+    """
+    import torch
+    import torch.nn.functional as F
+    import triton.testing
+
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    rows = []
+    for B, T, H, D in shapes:
+        torch.manual_seed(0)
+        dtype = torch.bfloat16
+        q = torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True)
+        g = F.logsigmoid(torch.randn(B, T, H, device="cuda", dtype=torch.float32)).requires_grad_(True)
+        beta = torch.rand(B, T, H, device="cuda", dtype=dtype).requires_grad_(True)
+        leaves = [q, k, v, g, beta]
+        do = torch.randn_like(v)
+
+        def fwd():
+            return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+
+        def fwdbwd():
+            fwd().backward(do)
+
+        name = f"B{B}-T{T}-H{H}-D{D}"
+        for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            try:
+                for _ in range(3):  # compile / autotune outside the timing
+                    fn()
+                for t in leaves:
+                    t.grad = None
+                ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=leaves,
+                                             return_mode="median")
+                rows.append({"shape": name, "mode": mode, "ms": float(ms)})
+            except Exception as e:  # noqa: BLE001 - the anchor may refuse (e.g. its Hopper guard); report it
+                rows.append({"shape": name, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            torch.cuda.synchronize()
+        del q, k, v, g, beta, leaves, do
+        torch.cuda.empty_cache()
+    return rows
+
+
+def measure_anchor(anchor_path: str, shapes, warmup_ms: int, rep_ms: int):
+    """Run ``measure`` in a child process that imports ``fla`` from ``anchor_path`` only."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.abspath(anchor_path)
+    env.pop("FLA_BACKEND", None)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(shapes), str(warmup_ms), str(rep_ms)]
+    with tempfile.TemporaryDirectory() as cwd:  # outside the repository: our own fla must not be importable
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    raise RuntimeError(f"the anchor process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _worker(argv) -> int:
+    shapes = [tuple(s) for s in json.loads(argv[0])]
+    rows = measure(shapes, int(argv[1]), int(argv[2]))
+    import fla
+
+    print(RESULT_MARKER + json.dumps({"rows": rows, "fla_file": fla.__file__,
+                                      "fla_version": getattr(fla, "__version__", "?")}))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        return _worker(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--anchor-path", default=None, help="folder holding upstream's `fla` package (optional)")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--warmup-ms", type=int, default=25)
+    parser.add_argument("--rep-ms", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from benchmarks.common import device_name, print_table, write_json
+
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    # our Triton kernels are opt-in until proven on Hopper (fla/ops/gated_delta_rule/chunk.py): ask for them
+    os.environ["FLA_BACKEND"] = "triton"
+    ours = measure(shapes, args.warmup_ms, args.rep_ms)
+    anchor, anchor_info = None, None
+    if args.anchor_path:
+        result = measure_anchor(args.anchor_path, shapes, args.warmup_ms, args.rep_ms)
+        anchor = {(r["shape"], r["mode"]): r for r in result["rows"]}
+        anchor_info = {"fla_file": result["fla_file"], "fla_version": result["fla_version"]}
+
+    table = []
+    for r in ours:
+        row = {"shape": r["shape"], "mode": r["mode"], "ours_ms": r.get("ms", r.get("error"))}
+        if anchor is not None:
+            a = anchor.get((r["shape"], r["mode"]), {})
+            row["anchor_ms"] = a.get("ms", a.get("error"))
+            if "ms" in a and "ms" in r:
+                row["ours/anchor"] = r["ms"] / a["ms"]
+        table.append(row)
+    columns = ["shape", "mode", "ours_ms"] + (["anchor_ms", "ours/anchor"] if anchor is not None else [])
+    title = f"chunk_gated_delta_rule, bf16, l2norm in kernel, {device_name()}, triton {_triton_version()}"
+    if anchor_info:
+        title += f"; anchor fla {anchor_info['fla_version']} ({anchor_info['fla_file']})"
+    text = print_table(table, columns, title=title)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gated_delta_rule.txt"), "w") as f:
+        f.write(text + "\n")
+    write_json(os.path.join(args.out, "gated_delta_rule.json"),
+               {"device": device_name(), "triton": _triton_version(), "torch": torch.__version__,
+                "anchor": anchor_info, "rows": table})
+    return 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
