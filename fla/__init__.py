@@ -9,4 +9,8 @@ effect, once model families exist, is registering them with transformers' Auto c
 
 __version__ = "0.1.0"
 
+# Registers every model family with transformers' AutoConfig / AutoModel / AutoModelForCausalLM (flame and
+# `AutoConfig.from_pretrained` rely on this). Kernel modules are imported by the layers on first use, not here.
+from fla import models  # noqa: E402,F401
+
 __all__ = ["__version__"]

@@ -1,0 +1,16 @@
+"""HF-compatible model families (Config / Model / ForCausalLM), registered with transformers' Auto classes on import.
+
+Shared pieces: ``fla.models.utils`` (the ``Cache`` of every family, ``FLAGenerationMixin``) and
+``fla.models.modeling_base`` (block, pretrained-model base, backbone, causal LM head).
+"""
+
+from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
+from fla.models.utils import Cache, FLAGenerationMixin
+
+__all__ = [
+    "Cache",
+    "FLAGenerationMixin",
+    "GatedDeltaNetConfig",
+    "GatedDeltaNetForCausalLM",
+    "GatedDeltaNetModel",
+]
