@@ -65,6 +65,12 @@ def num_stages(dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.float16, torch.bfloat16) else 1
 
 
+def num_warps(dtype: torch.dtype) -> int:
+    """Warps per program of the per-chunk kernels (one place, so that a GPU diagnosis can vary it; see
+    benchmarks/ops/diagnose_gdn_gpu.py)."""
+    return 4
+
+
 def block_k(K: int) -> int:
     """Tile width along a head dimension for the per-chunk kernels (tl.dot needs at least 16)."""
     return max(16, min(64, triton.next_power_of_2(K)))

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, dot_precision, num_stages, sequence_span
+from fla.ops.gated_delta_rule.chunk_common import Chunking, dot_precision, num_stages, num_warps, sequence_span
 
 MAX_HEAD_DIM_K = 256
 
@@ -43,7 +43,7 @@ def _state_launch(D_K: int, D_V: int, num_states: int, dtype: torch.dtype) -> Tu
     BV = 32 if BK > 128 or num_states * triton.cdiv(D_V, 64) < 128 else 64
     BV = max(16, min(triton.next_power_of_2(D_V), BV))
     stages = 1 if BK > 128 else num_stages(dtype)
-    return BK, BV, {"num_warps": 4, "num_stages": stages}
+    return BK, BV, {"num_warps": num_warps(dtype), "num_stages": stages}
 
 
 @triton.jit

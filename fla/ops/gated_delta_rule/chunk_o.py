@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_span, dot_precision, num_stages
+from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_span, dot_precision, num_stages, num_warps
 
 
 @triton.jit
@@ -171,7 +171,7 @@ def chunk_fwd_o(q, k, v_new, h, g, scale: float, chunking: Chunking, output_dtyp
     _fwd_o_kernel[(chunking.num_chunks, triton.cdiv(D_V, BV), H)](
         q, k, v_new, h, g, o, chunking.chunk_indices, chunking.cu_seqlens, float(scale), T, H=H, D_K=D_K, D_V=D_V,
         BT=chunking.chunk_size, BK=block_k(D_K), BV=BV, IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype),
-        num_warps=4, num_stages=num_stages(k.dtype),
+        num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
     )
     return o
 
@@ -186,7 +186,7 @@ def chunk_bwd_dv_local(q, k, g, do, scale: float, chunking: Chunking) -> torch.T
     _bwd_dv_local_kernel[(chunking.num_chunks, H)](
         q, k, g, do, dv, chunking.chunk_indices, chunking.cu_seqlens, float(scale), T, H=H, D_K=D_K, D_V=D_V,
         BT=chunking.chunk_size, BK=block_k(D_K), BV=block_k(D_V), IS_VARLEN=chunking.is_varlen,
-        PREC=dot_precision(k.dtype), num_warps=4, num_stages=num_stages(k.dtype),
+        PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
     )
     return dv
 
@@ -210,6 +210,6 @@ def chunk_bwd_dqkwg(q, k, v_new, h, g, do, dh, dv_new, scale: float, chunking: C
     _bwd_dqkwg_kernel[(chunking.num_chunks, NK, H)](
         q, k, v_new, h, g, do, dh, dv_new, dq, dk, dw, dg, chunking.chunk_indices, chunking.cu_seqlens, float(scale),
         T, B * T * H, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=BK, BV=block_k(D_V),
-        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=4, num_stages=num_stages(k.dtype),
+        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
     )
     return dq, dk, dw, dg.sum(0)

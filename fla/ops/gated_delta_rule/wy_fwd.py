@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_span, dot_precision, num_stages
+from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_span, dot_precision, num_stages, num_warps
 from fla.ops.utils.solve_tril import store_unit_lower_inverse_64, unit_lower_inverse_64
 
 
@@ -155,7 +155,7 @@ def chunk_scaled_dot_kkt_solve(k: torch.Tensor, g: torch.Tensor, beta: torch.Ten
         return ai
     _kkt_solve_kernel[(chunking.num_chunks, H)](
         k, g, beta, ai, chunking.chunk_indices, chunking.cu_seqlens, T, H=H, D_K=D_K, BT=BT, BK=block_k(D_K),
-        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=4, num_stages=num_stages(k.dtype),
+        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
     )
     return ai
 
@@ -172,6 +172,6 @@ def recompute_w_u(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch
     _recompute_w_u_kernel[(chunking.num_chunks, H)](
         k, v, g, beta, ai, w, u, chunking.chunk_indices, chunking.cu_seqlens, T, H=H, D_K=D_K, D_V=D_V,
         BT=chunking.chunk_size, BK=block_k(D_K), BV=block_k(D_V), IS_VARLEN=chunking.is_varlen,
-        PREC=dot_precision(k.dtype), num_warps=4, num_stages=num_stages(k.dtype),
+        PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
     )
     return w, u
