@@ -1,6 +1,16 @@
 """``attn_decoding_one_step``: one new query per sequence against a left-padded KV cache.
 
-(Placeholder until the decoding kernel lands: runs the float32 reference.)
+Two implementations of ``fla.ops.attn.naive.naive_attn_decoding`` (the float32 truth):
+
+- torch path (default everywhere for now): the reference math vectorised in float32, with GQA by reshaping the
+  query heads into [B, H, G] groups (no repeat of the cache).
+- Triton path (``fla.ops.attn.decoding_kernels``): one program per (row, query head) streaming over the cache with an
+  online softmax. **Opt-in** until proven on the GPU: it runs only with ``FLA_BACKEND=triton``
+  (``use_triton(q, auto_on_cuda=False)``).
+
+Cache convention: row b's valid keys are ``seq_start[b] .. S - 1`` (left padding); the newest token's key and value
+are already the last cache entry. With ``window_size = w`` the query sees only the last w valid keys. A row with
+no valid key returns zeros.
 """
 
 from __future__ import annotations
@@ -9,7 +19,29 @@ from typing import Optional
 
 import torch
 
-from fla.ops.attn.naive import naive_attn_decoding
+from fla.ops.attn.parallel import _check_qkv, _check_scale, _check_window
+from fla.utils import check_tensor, use_triton
+
+
+def attn_decoding_one_step_torch(q, k, v, scale: float, window_size: Optional[int] = None,
+                                 seq_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Torch path; o [B, 1, HQ, V] in q.dtype."""
+    B, _, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    qf = q.float().reshape(B, H, G, D)
+    scores = torch.einsum("bhgd,bshd->bhgs", qf, k.float()) * scale
+    pos = torch.arange(S, device=q.device)
+    if seq_start is not None:
+        allowed = pos[None, :] >= seq_start.long()[:, None]
+    else:
+        allowed = torch.ones(B, S, dtype=torch.bool, device=q.device)
+    if window_size is not None:
+        allowed = allowed & (pos > S - 1 - window_size)[None, :]
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    o = torch.einsum("bhgs,bshv->bhgv", p, v.float())
+    return o.reshape(B, 1, HQ, -1).to(q.dtype)
 
 
 def attn_decoding_one_step(
@@ -20,6 +52,30 @@ def attn_decoding_one_step(
     window_size: Optional[int] = None,
     seq_start: Optional[torch.LongTensor] = None,
 ) -> torch.Tensor:
-    """q [B, 1, HQ, D], caches k [B, S, H, D] / v [B, S, H, V] (left-padded; row b valid from ``seq_start[b]``)
-    -> o [B, 1, HQ, V]; see ``fla.ops.attn.naive.naive_attn_decoding``."""
-    return naive_attn_decoding(q, k, v, scale, window_size, seq_start)
+    """One decoding step.
+
+    Args:
+        q: [B, 1, HQ, D]; k: [B, S, H, D], v: [B, S, H, V]: left-padded caches, one float dtype; HQ a multiple of H.
+        scale: default D ** -0.5.
+        window_size: None or w >= 1: only the last w valid keys (the newest included) are seen.
+        seq_start: [B] integer first valid cache index per row (None: all valid).
+
+    Returns:
+        o [B, 1, HQ, V] in q.dtype.
+
+    The Triton kernel is opt-in (``FLA_BACKEND=triton``) until validated on the GPU.
+    """
+    _check_qkv(q, k, v, time_dim_name="S")
+    if q.shape[1] != 1:
+        raise ValueError(f"q must hold one token per sequence, shape [B, 1, HQ, D], got {list(q.shape)}")
+    _check_window(window_size)
+    _check_scale(scale)
+    if seq_start is not None:
+        check_tensor("seq_start", seq_start, ndim=1, dtype=(torch.int32, torch.int64), shape=(q.shape[0],),
+                     device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if use_triton(q, auto_on_cuda=False):
+        from fla.ops.attn.decoding_kernels import attn_decoding_fwd
+
+        return attn_decoding_fwd(q, k, v, scale, window_size, seq_start)
+    return attn_decoding_one_step_torch(q, k, v, scale, window_size, seq_start)

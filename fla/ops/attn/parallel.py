@@ -1,6 +1,17 @@
 """``parallel_attn``: causal softmax attention over whole sequences (full or sliding window, GQA, packed).
 
-(Placeholder until the Triton kernels and the fast torch path land: runs the float32 reference.)
+Two implementations of the same function (``fla.ops.attn.naive.naive_attn`` is the float32 truth):
+
+- torch path (default everywhere for now): ``F.scaled_dot_product_attention``, with ``is_causal=True`` for full
+  attention and an explicit boolean [T, T] mask for a window; packed sequences run one SDPA call each (up to 16
+  sequences) or one call with a block-diagonal mask over ``cu_seqlens``; GQA through ``enable_gqa``; autograd by
+  torch.
+- Triton path (``fla.ops.attn.parallel_kernels``): flash-attention forward + backward kernels. **Opt-in** until
+  proven on the GPU: it runs only with ``FLA_BACKEND=triton`` (``use_triton(q, auto_on_cuda=False)``), so CUDA
+  tensors keep the torch path by default.
+
+Window convention: with ``window_size = w`` query i sees keys max(0, i - w + 1) .. i (w keys, itself included),
+i.e. flash-attn's ``window_size=(w - 1, 0)``.
 """
 
 from __future__ import annotations
@@ -8,8 +19,108 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from fla.ops.attn.naive import naive_attn
+from fla.utils import (
+    FLOAT_DTYPES,
+    autocast_custom_bwd,
+    autocast_custom_fwd,
+    check_cu_seqlens,
+    check_tensor,
+    use_triton,
+)
+
+
+def _check_window(window_size) -> None:
+    if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
+                                    or window_size < 1):
+        raise ValueError(f"window_size must be None (full causal attention) or an integer >= 1, got {window_size!r}")
+
+
+def _check_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale must be None (meaning D ** -0.5) or a number, got {scale!r}")
+
+
+def _check_qkv(q, k, v, time_dim_name: str = "T"):
+    check_tensor("q", q, ndim=4, dtype=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
+    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
+    B, _, HQ, D = q.shape
+    if k.shape[0] != B or k.shape[-1] != D:
+        raise ValueError(f"k must have shape [B={B}, {time_dim_name}, H, D={D}], got {list(k.shape)}")
+    H = k.shape[2]
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape [{', '.join(map(str, k.shape[:3]))}, V] (as k but its last dim), "
+                         f"got {list(v.shape)}")
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"the number of query heads HQ={HQ} (q.shape[2]) must be a multiple of the number of kv "
+                         f"heads H={H} (k.shape[2])")
+
+
+def _sdpa(q, k, v, scale: float, window_size: Optional[int], mask: Optional[torch.Tensor] = None):
+    """One batch of [B, T, H*, D] sequences through SDPA (causal, optionally windowed or with an explicit mask)."""
+    T, HQ, H = q.shape[1], q.shape[2], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = {"enable_gqa": True} if HQ != H else {}
+    if mask is None and (window_size is None or window_size >= T):
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, **gqa)
+    else:
+        if mask is None:
+            idx = torch.arange(T, device=q.device)
+            mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window_size)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **gqa)
+    return o.transpose(1, 2)
+
+
+# above this many packed sequences the torch path uses one block-diagonal mask instead of a loop over sequences
+_MAX_LOOPED_SEQUENCES = 16
+
+
+def parallel_attn_torch(q, k, v, scale: float, window_size: Optional[int] = None,
+                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Torch path: SDPA with the causal / window / block-diagonal mask. Differentiable; o in q.dtype.
+
+    Packed sequences: a loop of per-sequence SDPA calls (cost sum of L^2) when there are at most 16 of them, else
+    one call with a block-diagonal [T, T] mask."""
+    if cu_seqlens is None:
+        return _sdpa(q, k, v, scale, window_size).contiguous()
+    T = q.shape[1]
+    bounds = cu_seqlens.tolist()
+    if len(bounds) - 1 <= _MAX_LOOPED_SEQUENCES:
+        pieces = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, window_size)
+                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return torch.cat(pieces, 1) if pieces else q.new_zeros(*q.shape[:3], v.shape[-1])
+    idx = torch.arange(T, device=q.device)
+    mask = idx[None, :] <= idx[:, None]
+    if window_size is not None and window_size < T:
+        mask = mask & (idx[:, None] - idx[None, :] < window_size)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens, output_size=T)
+    mask = mask & (seq[:, None] == seq[None, :])
+    return _sdpa(q, k, v, scale, window_size, mask).contiguous()
+
+
+class ParallelAttnFunction(torch.autograd.Function):
+    @staticmethod
+    @autocast_custom_fwd
+    def forward(ctx, q, k, v, scale, window_size, cu_seqlens):
+        from fla.ops.attn.parallel_kernels import attn_fwd
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = attn_fwd(q, k, v, scale, window_size, cu_seqlens)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.scale, ctx.window_size = scale, window_size
+        return o
+
+    @staticmethod
+    @autocast_custom_bwd
+    def backward(ctx, do):
+        from fla.ops.attn.parallel_kernels import attn_bwd
+
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = attn_bwd(q, k, v, o, lse, do.contiguous(), ctx.scale, ctx.window_size, cu_seqlens)
+        return dq, dk, dv, None, None, None
 
 
 def parallel_attn(
@@ -20,5 +131,28 @@ def parallel_attn(
     window_size: Optional[int] = None,
     cu_seqlens: Optional[torch.LongTensor] = None,
 ) -> torch.Tensor:
-    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, V] -> o [B, T, HQ, V]; see ``fla.ops.attn.naive.naive_attn``."""
-    return naive_attn(q, k, v, scale, window_size, cu_seqlens)
+    """Causal softmax attention.
+
+    Args:
+        q: [B, T, HQ, D]; k: [B, T, H, D]; v: [B, T, H, V], one float dtype; HQ a multiple of H (query head hq
+            uses kv head hq // (HQ // H)).
+        scale: default D ** -0.5.
+        window_size: None (full causal) or w >= 1: query i sees keys i - w + 1 .. i.
+        cu_seqlens: [N + 1] int offsets of packed sequences (then B = 1); attention never crosses a boundary.
+
+    Returns:
+        o [B, T, HQ, V] in q.dtype.
+
+    The Triton kernels are opt-in (``FLA_BACKEND=triton``) until validated on the GPU; otherwise the torch
+    (SDPA) path runs, on CPU and CUDA alike.
+    """
+    _check_qkv(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k and v must have the same length T={q.shape[1]} as q, got {k.shape[1]}")
+    _check_window(window_size)
+    _check_scale(scale)
+    check_cu_seqlens(cu_seqlens, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if use_triton(q, auto_on_cuda=False):
+        return ParallelAttnFunction.apply(q, k, v, scale, window_size, cu_seqlens)
+    return parallel_attn_torch(q, k, v, scale, window_size, cu_seqlens)
