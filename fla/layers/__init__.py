@@ -5,6 +5,7 @@ output_attentions=False, **kwargs) -> (output, attention weights or None, past_k
 through ``kwargs``; the per-layer state lives in an ``fla.models.utils.Cache`` at the layer's ``layer_idx``.
 """
 
+from fla.layers.attn import Attention
 from fla.layers.gated_deltanet import GatedDeltaNet
 
-__all__ = ["GatedDeltaNet"]
+__all__ = ["Attention", "GatedDeltaNet"]

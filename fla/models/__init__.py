@@ -5,6 +5,7 @@ Shared pieces: ``fla.models.utils`` (the ``Cache`` of every family, ``FLAGenerat
 """
 
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
+from fla.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 from fla.models.utils import Cache, FLAGenerationMixin
 
 __all__ = [
@@ -13,4 +14,7 @@ __all__ = [
     "GatedDeltaNetConfig",
     "GatedDeltaNetForCausalLM",
     "GatedDeltaNetModel",
+    "TransformerConfig",
+    "TransformerForCausalLM",
+    "TransformerModel",
 ]

@@ -104,8 +104,9 @@ class FLAPreTrainedModel(PreTrainedModel):
     ``_init_weights`` (run children-first by ``post_init``, also after meta-device construction + ``to_empty``):
     Linear and Conv1d (incl. ``ShortConvolution``) weights ~ N(0, initializer_range), biases 0; embeddings
     ~ N(0, initializer_range) with the padding row 0; every other module with ``reset_parameters`` uses it (norms:
-    1; Gated DeltaNet: its A_log / dt_bias draws). With ``config.prenorm_residual_strategy='rescale'`` the
-    ``o_proj`` / ``down_proj`` weights are redrawn Kaiming-uniform / sqrt(2 * num_hidden_layers) ('zero': zeros).
+    1; Gated DeltaNet: its A_log / dt_bias draws; buffer-only modules such as ``RotaryEmbedding``: their buffers).
+    With ``config.prenorm_residual_strategy='rescale'`` the ``o_proj`` / ``down_proj`` weights are redrawn
+    Kaiming-uniform / sqrt(2 * num_hidden_layers) ('zero': zeros).
     Parameters transformers marks as loaded (``_is_hf_initialized``) are never overwritten.
     """
 
@@ -121,7 +122,13 @@ class FLAPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         own = dict(module.named_parameters(recurse=False))
-        if not own or all(getattr(p, "_is_hf_initialized", False) for p in own.values()):
+        if not own:
+            # buffer-only modules (RotaryEmbedding's inv_freq): recompute what meta construction + to_empty left
+            # as uninitialised memory
+            if hasattr(module, "reset_parameters") and next(module.parameters(), None) is None:
+                module.reset_parameters()
+            return
+        if all(getattr(p, "_is_hf_initialized", False) for p in own.values()):
             return
         if isinstance(module, (nn.Linear, nn.Conv1d)):
             strategy = self._residual_strategy() if isinstance(module, nn.Linear) else None

@@ -1,9 +1,8 @@
 """``GatedDeltaNetConfig`` (``model_type='gated_deltanet'``): FLA's config keys, the reference's meanings.
 
 The paper's ``gated_delta_net_{0.4B,1.4B}`` configs (``configs/``) are pure Gated DeltaNet models of this type; its
-SWA and full-attention baselines are this type too, with an ``attn`` dict naming the attention layers (accepted
-and stored here; the models build attention layers once the attention layer exists). Unknown keys are kept as
-attributes, as transformers does.
+SWA and full-attention baselines are this type too, with an ``attn`` dict naming the attention layers
+(``fla.layers.Attention`` mixers at those indices). Unknown keys are kept as attributes, as transformers does.
 """
 
 from __future__ import annotations
@@ -26,6 +25,10 @@ def normalize_attn_config(attn: Optional[Dict[str, Any]]) -> Optional[Dict[str, 
     for key in ("layers", "num_heads"):
         if key not in attn:
             raise ValueError(f"attn must name '{key}' (got keys {sorted(attn)})")
+    layers = attn["layers"]
+    if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ValueError(f"attn['layers'] must be a list of layer indices (ints >= 0), got {layers!r}")
     attn = copy.deepcopy(attn)
     attn.setdefault("num_kv_heads", attn["num_heads"])
     attn.setdefault("qkv_bias", False)

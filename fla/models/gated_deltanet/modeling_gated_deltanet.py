@@ -1,21 +1,40 @@
 """Gated DeltaNet language model: every layer a ``GatedDeltaNet`` mixer + SwiGLU MLP (``fla.models.modeling_base``).
 
 ``GatedDeltaNetModel`` (embeddings, layers, norm) and ``GatedDeltaNetForCausalLM`` (+ lm_head, loss, generate).
-Configs with an ``attn`` dict (the paper's SWA and full-attention baselines) are refused until the attention layer
-exists.
+With an ``attn`` dict in the config (the paper's SWA and full-attention baselines), the layers listed in
+``attn['layers']`` get an ``Attention`` mixer instead (head size hidden_size // attn['num_heads']; ``window_size``
+set = sliding window), in the same block class.
 """
 
 from __future__ import annotations
 
+from typing import Union
+
+from fla.layers.attn import Attention
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.models.gated_deltanet.configuration_gated_deltanet import GatedDeltaNetConfig
 from fla.models.modeling_base import FLABlock, FLAForCausalLM, FLAModel
 
 
 class GatedDeltaNetBlock(FLABlock):
-    """``attn_norm`` -> ``attn`` (GatedDeltaNet) -> ``mlp_norm`` (fused residual add) -> ``mlp``."""
+    """``attn_norm`` -> ``attn`` (GatedDeltaNet, or Attention at ``config.attn['layers']``) -> ``mlp_norm`` (fused
+    residual add) -> ``mlp``."""
 
-    def build_mixer(self, config: GatedDeltaNetConfig, layer_idx: int) -> GatedDeltaNet:
+    def build_mixer(self, config: GatedDeltaNetConfig, layer_idx: int) -> Union[GatedDeltaNet, Attention]:
+        attn = getattr(config, "attn", None)
+        if attn is not None and layer_idx in attn["layers"]:
+            return Attention(
+                hidden_size=config.hidden_size,
+                num_heads=attn["num_heads"],
+                num_kv_heads=attn["num_kv_heads"],
+                qkv_bias=attn["qkv_bias"],
+                qk_norm=attn.get("qk_norm", False),
+                window_size=attn["window_size"],
+                rope_theta=attn["rope_theta"],
+                max_position_embeddings=config.max_position_embeddings,
+                layer_idx=layer_idx,
+                norm_eps=config.norm_eps,
+            )
         return GatedDeltaNet(
             hidden_size=config.hidden_size,
             expand_v=config.expand_v,
@@ -36,15 +55,6 @@ class GatedDeltaNetModel(FLAModel):
     config_class = GatedDeltaNetConfig
     block_class = GatedDeltaNetBlock
     _no_split_modules = ["GatedDeltaNetBlock"]
-
-    def __init__(self, config: GatedDeltaNetConfig) -> None:
-        if getattr(config, "attn", None) is not None:
-            raise ValueError(
-                f"this config places attention layers at {config.attn.get('layers')} (config.attn): hybrid "
-                "attention layers arrive with the attention layer (fla.layers.attn), which does not exist yet; "
-                "use attn=None for a pure Gated DeltaNet model"
-            )
-        super().__init__(config)
 
 
 class GatedDeltaNetForCausalLM(FLAForCausalLM):

@@ -1,0 +1,205 @@
+"""Gated DeltaNet + attention hybrids (``model_type='gated_deltanet'`` with an ``attn`` dict): the paper's GDN+SWA
+and GDN+Attn configs (state-dict keys, parameter counts), layer layout, init, padding == packing, cached decoding and
+generation with left padding (sliding window smaller than the sequence), save/load."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import fla  # noqa: F401  (registers the models)
+from fla.layers import Attention, GatedDeltaNet
+from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+from fla.models.gated_deltanet import GatedDeltaNetBlock
+from fla.modules import rotary_inv_freq
+from fla.utils.testing import assert_close
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+V = 64
+
+
+def tiny_model(device, window_size=None, **kwargs):
+    options = dict(hidden_size=32, head_dim=8, num_heads=4, expand_v=1, num_hidden_layers=3, vocab_size=V,
+                   pad_token_id=0, initializer_range=0.05,
+                   attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": window_size})
+    options.update(kwargs)
+    return AutoModelForCausalLM.from_config(GatedDeltaNetConfig(**options)).to(device)
+
+
+def left_padded_batch(lens, T, device):
+    ids = torch.randint(3, V, (len(lens), T), device=device)
+    mask = torch.zeros(len(lens), T, dtype=torch.long, device=device)
+    for b, n in enumerate(lens):
+        mask[b, T - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+PAPER = [  # name, hidden, GDN head dim, attention q / kv heads, window, tied, parameters
+    ("gated_delta_net_swa_0.4B", 1024, 128, 16, 16, 1024, True, 354_028_224),
+    ("gated_delta_net_swa_1.4B", 2048, 256, 32, 8, 1024, False, 1_339_823_296),
+    ("gated_delta_net_attn_0.4B", 1024, 128, 16, 16, None, True, 354_028_224),
+    ("gated_delta_net_attn_1.4B", 2048, 256, 32, 8, None, False, 1_339_823_296),
+]
+
+
+@pytest.mark.parametrize("name, Hs, dk, heads, kv_heads, window, tied, total", PAPER, ids=[p[0] for p in PAPER])
+def test_paper_configs_state_dict_and_parameter_count(name, Hs, dk, heads, kv_heads, window, tied, total):
+    config = AutoConfig.from_pretrained(CONFIGS / f"{name}.json")
+    assert isinstance(config, GatedDeltaNetConfig) and config.model_type == "gated_deltanet"
+    assert config.attn == {"layers": list(range(1, 24, 2)), "num_heads": heads, "num_kv_heads": kv_heads,
+                           "qkv_bias": False, "window_size": window, "rope_theta": 10000.0}
+    assert (config.num_hidden_layers, config.max_position_embeddings, config.tie_word_embeddings) == (24, 4096, tied)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n, hd = 8, Hs // heads
+    inter = 256 * math.ceil(int(Hs * 4 * 2 / 3) / 256)
+    shapes = {"model.embeddings.weight": (32000, Hs), "model.norm.weight": (Hs,), "lm_head.weight": (32000, Hs)}
+    for i in range(24):
+        p = f"model.layers.{i}."
+        shapes.update({p + "attn_norm.weight": (Hs,), p + "mlp_norm.weight": (Hs,),
+                       p + "mlp.gate_proj.weight": (inter, Hs), p + "mlp.up_proj.weight": (inter, Hs),
+                       p + "mlp.down_proj.weight": (Hs, inter)})
+        if i % 2:
+            shapes.update({p + "attn.q_proj.weight": (Hs, Hs), p + "attn.k_proj.weight": (kv_heads * hd, Hs),
+                           p + "attn.v_proj.weight": (kv_heads * hd, Hs), p + "attn.o_proj.weight": (Hs, Hs)})
+        else:
+            shapes.update({
+                p + "attn.A_log": (n,), p + "attn.dt_bias": (n,),
+                p + "attn.q_proj.weight": (n * dk, Hs), p + "attn.k_proj.weight": (n * dk, Hs),
+                p + "attn.v_proj.weight": (n * dk, Hs), p + "attn.a_proj.weight": (n, Hs),
+                p + "attn.b_proj.weight": (n, Hs), p + "attn.q_conv1d.weight": (n * dk, 1, 4),
+                p + "attn.k_conv1d.weight": (n * dk, 1, 4), p + "attn.v_conv1d.weight": (n * dk, 1, 4),
+                p + "attn.g_proj.weight": (n * dk, Hs), p + "attn.o_norm.weight": (dk,),
+                p + "attn.o_proj.weight": (Hs, n * dk)})
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    assert sum(p.numel() for p in model.parameters()) == total
+    layers = model.model.layers
+    assert all(type(layer) is GatedDeltaNetBlock for layer in layers)  # one block class, the mixer differs
+    assert all(isinstance(layers[i].attn, Attention if i % 2 else GatedDeltaNet) for i in range(24))
+    assert layers[1].attn.window_size == window and layers[1].attn.head_dim == 64
+
+
+def test_attention_first_layer_and_config_errors(device):
+    """Attention at layer 0 (the cache's first slot; generate reads its length there) and at the last layer."""
+    model = tiny_model(device, attn={"layers": [0, 2], "num_heads": 2}).eval()
+    assert [type(layer.attn) for layer in model.model.layers] == [Attention, GatedDeltaNet, Attention]
+    assert model.model.layers[0].attn.head_dim == 16 and model.model.layers[0].attn.num_kv_heads == 2
+    ids, mask = left_padded_batch([5, 3], 5, device)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, 5:], greedy_reference(model, ids, mask, 3))
+    with pytest.raises(ValueError, match="layer indices"):
+        GatedDeltaNetConfig(attn={"layers": 1, "num_heads": 2})
+
+
+def test_meta_device_construction_then_to_empty_and_post_init(device):
+    config = GatedDeltaNetConfig(hidden_size=64, head_dim=16, num_heads=4, expand_v=1, num_hidden_layers=2,
+                                 vocab_size=V, attn={"layers": [1], "num_heads": 4, "window_size": 8})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        module._is_hf_initialized = False
+    with torch.no_grad():
+        model.post_init()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    gdn, attn = model.model.layers[0].attn, model.model.layers[1].attn
+    assert (gdn.A_log.exp() <= 16 * (1 + 1e-6)).all()
+    dt = F.softplus(gdn.dt_bias)
+    assert ((dt >= 1e-3 * (1 - 1e-4)) & (dt <= 0.1 * (1 + 1e-4))).all()
+    assert torch.equal(attn.rotary.inv_freq, rotary_inv_freq(16, 10000.0, device))
+    x = torch.randint(1, V, (1, 6), device=device)
+    assert torch.isfinite(model(x, labels=x).loss)
+
+
+def test_forward_backward(device):
+    model = tiny_model(device, window_size=3).train()
+    ids = torch.randint(0, V, (2, 10), device=device)
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("window_size", [None, 3])
+def test_padded_batch_equals_packed_batch(device, window_size):
+    model = tiny_model(device, window_size).eval()
+    lens, T = [9, 4, 7], 9
+    ids, mask = left_padded_batch(lens, T, device)
+    padded = model(ids, attention_mask=mask).logits
+    cu = torch.tensor([0, 9, 13, 20], device=device, dtype=torch.int32)
+    packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
+    assert_close("padded vs packed", padded[mask.bool()][None], packed, 1e-4)
+    for b in range(3):
+        alone = model(ids[b, mask[b].bool()][None]).logits
+        assert_close(f"row {b}", padded[b, mask[b].bool()][None], alone, 1e-4)
+
+
+@pytest.mark.parametrize("window_size", [None, 4])
+def test_cached_decoding_with_left_padding_matches_full_forward(device, window_size):
+    model = tiny_model(device, window_size).eval()
+    T, prefill = 12, 4
+    lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
+    ids, mask = left_padded_batch(lens, T, device)
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+    cache = out.past_key_values
+    logits = [out.logits]
+    for t in range(prefill, T):
+        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    logits = torch.cat(logits, 1)
+    assert all(cache.get_seq_length(i) == T for i in range(len(cache)))
+    k = cache[1]["attn_state"][0]
+    assert k.shape[1] == (T if window_size is None else window_size)  # the SWA cache stays bounded
+    assert cache[0]["attn_state"] is None and cache[0]["recurrent_state"] is not None
+    for b, n in enumerate(lens):
+        ref = model(ids[b:b + 1, T - n:], use_cache=False).logits
+        assert_close(f"row {b}", logits[b:b + 1, T - n:], ref, 1e-4)
+
+
+def test_plain_forward_cache_continues(device):
+    model = tiny_model(device, window_size=4).eval()
+    ids = torch.randint(1, V, (2, 11), device=device)
+    full = model(ids).logits
+    first = model(ids[:, :6], use_cache=True)
+    second = model(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+    assert_close("continued", torch.cat([first.logits, second.logits], 1), full, 1e-4)
+
+
+def greedy_reference(model, ids, mask, steps, eos=2, pad=0):
+    """Greedy continuation of each row on its own, without a cache; after EOS, generate() pads."""
+    rows = []
+    for b in range(ids.shape[0]):
+        seq, new = ids[b, mask[b].bool()][None], []
+        for _ in range(steps):
+            if eos in new:
+                new.append(pad)
+                continue
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            new.append(int(nxt))
+        rows.append(torch.tensor(new, device=ids.device))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("window_size", [None, 3])
+def test_generate_greedy_with_left_padding(device, window_size):
+    model = tiny_model(device, window_size).eval()
+    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (4, 11) and torch.equal(out[:, :6], ids)
+    assert torch.equal(out[:, 6:], greedy_reference(model, ids, mask, 5))
+
+
+def test_save_pretrained_round_trip(device, tmp_path):
+    model = tiny_model(device, window_size=3).eval()
+    ids = torch.randint(1, V, (2, 7), device=device)
+    ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).to(device).eval()
+    assert isinstance(loaded, GatedDeltaNetForCausalLM) and loaded.config.attn == model.config.attn
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert_close("logits", loaded(ids).logits, ref, 0)
