@@ -32,7 +32,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from fla.layers.utils import check_padding_mask, pad_input, unpad_input
+from fla.layers.utils import check_mixer_inputs, check_padding_mask, pad_input, unpad_input
 from fla.modules import RMSNorm, RotaryEmbedding
 from fla.ops.utils.index import prepare_lens
 from fla.utils import check_positive_int
@@ -172,12 +172,7 @@ class Attention(nn.Module):
         Returns:
             (output [B, T, H] in the input's dtype, None, past_key_values)
         """
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 \
-                or hidden_states.shape[-1] != self.hidden_size:
-            shape = list(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
-            raise ValueError(f"hidden_states must be [batch, time, hidden_size={self.hidden_size}], got {shape}")
-        if past_key_values is not None and self.layer_idx is None:
-            raise ValueError("layer_idx must be set (the layer's slot in the cache) to use past_key_values")
+        check_mixer_inputs(hidden_states, self.hidden_size, past_key_values, self.layer_idx)
         if output_attentions:
             warnings.warn("Attention does not return attention weights; output_attentions is ignored", stacklevel=2)
         batch_size, q_len, _ = hidden_states.shape

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fla.layers.utils import check_padding_mask, pad_input, unpad_input
+from fla.layers.utils import check_mixer_inputs, check_padding_mask, pad_input, unpad_input
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 from fla.utils import check_choice, check_positive_int
 
@@ -189,14 +189,9 @@ class GatedDeltaNet(nn.Module):
         Returns:
             (output [B, T, H] in the input's dtype, None, past_key_values)
         """
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 \
-                or hidden_states.shape[-1] != self.hidden_size:
-            shape = list(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
-            raise ValueError(f"hidden_states must be [batch, time, hidden_size={self.hidden_size}], got {shape}")
+        check_mixer_inputs(hidden_states, self.hidden_size, past_key_values, self.layer_idx)
         if self.training and self.mode == "fused_recurrent":
             raise ValueError("mode='fused_recurrent' has no backward pass; use mode='chunk' to train")
-        if past_key_values is not None and self.layer_idx is None:
-            raise ValueError("layer_idx must be set (the layer's slot in the cache) to use past_key_values")
         batch_size, q_len, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
 

@@ -21,6 +21,16 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, to
                torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_mixer_inputs(hidden_states, hidden_size: int, past_key_values, layer_idx) -> None:
+    """The checks every token mixer's ``forward`` starts with: ``hidden_states`` is [batch, time, hidden_size], and
+    a cache can only be used by a layer that knows its slot (``layer_idx``)."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 or hidden_states.shape[-1] != hidden_size:
+        shape = list(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+        raise ValueError(f"hidden_states must be [batch, time, hidden_size={hidden_size}], got {shape}")
+    if past_key_values is not None and layer_idx is None:
+        raise ValueError("layer_idx must be set (the layer's slot in the cache) to use past_key_values")
+
+
 def check_padding_mask(attention_mask: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
     """Validate a [B, T'] 0/1 padding mask (T' >= seq_len) and return its last ``seq_len`` columns.
 
