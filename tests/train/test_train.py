@@ -1,0 +1,214 @@
+"""The training loop end to end on CPU: single process, kill-and-resume, 2-process FSDP2 (gloo), HF export, bad flags.
+
+Every run is a tiny hybrid GatedDeltaNet + sliding-window-attention model on the shipped corpus and tokenizer.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fla.train.train import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = sys.executable
+
+TINY = {
+    "model_type": "gated_deltanet", "attn_mode": "chunk", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2,
+    "head_dim": 16, "expand_v": 1, "use_gate": True, "use_short_conv": True, "conv_size": 4, "hidden_act": "swish",
+    "hidden_ratio": 4, "intermediate_size": None, "norm_eps": 1e-6, "initializer_range": 0.02,
+    "max_position_embeddings": 1024, "vocab_size": 8192, "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": True, "use_cache": True, "fuse_cross_entropy": True,
+    "attn": {"layers": [1], "num_heads": 2, "num_kv_heads": 2, "qkv_bias": False, "window_size": 16,
+             "rope_theta": 10000.0},
+}
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def flags(model_config, dump, steps, **extra):
+    args = {
+        "job.dump_folder": str(dump), "model.config": model_config,
+        "model.tokenizer_path": os.path.join(REPO, "assets", "tokenizer"),
+        "training.dataset": os.path.join(REPO, "assets", "corpus"), "training.num_workers": 0,
+        "training.batch_size": 2, "training.seq_len": 32, "training.context_len": 32, "training.steps": steps,
+        "training.gradient_accumulation_steps": 2, "training.seed": 7, "optimizer.lr": 3e-3,
+        "lr_scheduler.warmup_steps": 2, "lr_scheduler.decay_type": "cosine", "metrics.log_freq": 1,
+        "activation_checkpoint.mode": "none", "checkpoint.export_dtype": "float32",
+    }
+    args.update({k.replace("__", "."): v for k, v in extra.items()})
+    out = []
+    for k, v in args.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def losses(dump):
+    with open(os.path.join(dump, "losses.json")) as f:
+        return {int(k): v for k, v in json.load(f).items()}
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def test_single_process_loss_falls_and_export_generates(model_config, tmp_path, capsys):
+    dump = tmp_path / "run"
+    assert main(flags(model_config, dump, 30, optimizer__lr=1e-2, metrics__log_freq=10)) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 4  # steps 1, 10, 20, 30
+    for key in ("loss", "lr", "gnorm", "tok/s", "mem", "eta"):
+        assert f"| {key} " in lines[-1]
+    ls = losses(dump)
+    assert sorted(ls) == list(range(1, 31))
+    first, last = sum(ls[i] for i in range(1, 4)) / 3, sum(ls[i] for i in range(28, 31)) / 3
+    assert last < first - 1.0, (first, last)
+    assert (dump / "job_config.toml").is_file() and (dump / "config.json").is_file()
+
+    # HF export: config + safetensors + tokenizer, loadable and generating
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fla  # noqa: F401
+
+    hf = dump / "hf"
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    assert (hf / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(hf))
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    ids = tok("In the beginning", return_tensors="pt").input_ids
+    # the exported weights reproduce the trained model: loss of the loaded model on a batch is finite and sane
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and loss < 9.5
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 5)
+    assert torch.equal(gen[:, : ids.shape[1]], ids)
+
+
+def test_kill_and_resume_reproduces_losses(model_config, tmp_path):
+    ref = tmp_path / "ref"
+    common = dict(checkpoint__enable_checkpoint="true", checkpoint__interval=3)
+    assert main(flags(model_config, ref, 6, **common)) == 0
+    want = losses(ref)
+    assert sorted(os.listdir(ref / "checkpoint")) == ["step-3", "step-6"]
+
+    # the same job, killed (SIGKILL) as soon as the step-3 checkpoint is written
+    dump = tmp_path / "killed"
+    cmd = [PYTHON, "-u", "-m", "fla.train.train"] + flags(model_config, dump, 6, **common)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "checkpoint saved" in line and "step-3" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    ck = dump / "checkpoint"
+    for name in os.listdir(ck):  # steps the killed process may have begun after step 3 are lost, as in a real kill
+        if name != "step-3":
+            import shutil
+
+            shutil.rmtree(ck / name)
+    assert not (dump / "losses.json").exists()
+
+    # resume with the same command: --checkpoint.load_step -1 picks step-3
+    assert main(flags(model_config, dump, 6, checkpoint__load_step=-1, **common)) == 0
+    got = losses(dump)
+    assert sorted(got) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert abs(got[s] - want[s]) < 1e-6, (s, got[s], want[s])
+
+
+def test_torchrun_two_process_fsdp2(model_config, tmp_path):
+    dump = tmp_path / "fsdp"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fla.train.train"]
+    cmd += flags(model_config, dump, 4, training__data_parallel_shard_degree=2, checkpoint__enable_checkpoint="true",
+                 checkpoint__interval=2)
+    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "world 2 (replicate 1 x shard 2)" in out
+    assert "step 4/4 | loss" in out
+    assert sorted(os.listdir(dump / "checkpoint")) == ["step-2", "step-4"]
+    assert len([f for f in os.listdir(dump / "checkpoint" / "step-4") if f.endswith(".distcp")]) == 2
+    assert (dump / "hf" / "model.safetensors").is_file()
+    ls = losses(dump)
+    assert sorted(ls) == [1, 2, 3, 4] and all(v == v and v < 10 for v in ls.values())
+
+    # the export gathered the shards: it equals the DCP checkpoint's {"model": ...} (flame's converter path)
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(dump / "checkpoint" / "step-4"), str(tmp_path / "full.pt"))
+    full = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+    exported = load_file(str(dump / "hf" / "model.safetensors"))
+    assert set(exported) <= set(full) and "model.layers.0.attn.A_log" in exported
+    for k, v in exported.items():
+        torch.testing.assert_close(v, full[k], rtol=0, atol=0)
+
+    # sharded resume: drop the last checkpoint, rerun the same command, steps 3-4 repeat exactly
+    import shutil
+
+    shutil.rmtree(dump / "checkpoint" / "step-4")
+    os.remove(dump / "losses.json")
+    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "resumed from" in res.stdout + res.stderr
+    again = losses(dump)
+    assert sorted(again) == [3, 4]
+    for s in (3, 4):
+        assert abs(again[s] - ls[s]) < 1e-6, (s, again[s], ls[s])
+
+
+def test_bad_flags_fail_clearly(model_config, tmp_path):
+    res = subprocess.run([PYTHON, "-m", "fla.train.train", "--training.stepz", "3"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "training.stepz" in res.stderr and "Traceback" not in res.stderr
+    # a bad value, and a data-parallel layout that does not match the world size
+    assert main(["--training.steps", "many"]) == 2
+    assert main(flags(model_config, tmp_path / "x", 2, training__data_parallel_shard_degree=2)) == 2
+
+
+def test_train_sh_launches_torchrun_with_logs(model_config, tmp_path):
+    dump = tmp_path / "sh"
+    e = env()
+    e.update(NGPU="1", NNODE="1", LOG_RANK="0", MASTER_PORT="0", PYTHON=PYTHON)
+    args = flags(model_config, dump, 2, activation_checkpoint__mode="full")
+    res = subprocess.run(["bash", os.path.join(REPO, "train.sh")] + args, cwd=str(tmp_path), env=e,
+                         capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "[rank0]:step 2/2 | loss" in out
+    logs = list((dump / "logs").rglob("stdout.log"))
+    assert logs and any("step 2/2" in p.read_text() for p in logs)
+    assert (dump / "hf" / "model.safetensors").is_file()
+    bad = subprocess.run(["bash", os.path.join(REPO, "train.sh"), "--job.dump_folder", str(tmp_path / "bad"),
+                          "--optimizer.nme", "AdamW"], cwd=str(tmp_path), env=e, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "optimizer.nme" in bad.stdout + bad.stderr
+
+
+def test_skip_nan_inf_skips_updates(model_config, tmp_path, capsys, monkeypatch):
+    stepped = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: stepped.append(1))
+    assert main(flags(model_config, tmp_path / "nan", 2, training__skip_nan_inf="true")) == 0
+    out = capsys.readouterr().out
+    assert "update skipped (2 so far)" in out and not stepped
