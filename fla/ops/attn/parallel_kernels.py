@@ -34,6 +34,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _block_span(i_blk, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
+    """Program block ``i_blk`` of batch row ``i_b`` -> (block index inside its sequence, first packed row of the
+    sequence (int64), sequence length). With ``cu_seqlens`` the block comes from ``chunk_indices`` [.., 2]."""
+    if IS_VARLEN:
+        i_seq = tl.load(chunk_indices + i_blk * 2).to(tl.int32)
+        i_blk = tl.load(chunk_indices + i_blk * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        bos = (i_b * T).to(tl.int64)
+    return i_blk, bos, T
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, Vp, O, LSE, cu_seqlens, chunk_indices, qk_scale, T, WINDOW,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -46,14 +61,7 @@ def _attn_fwd_kernel(
     i_hq = i_bh % HQ
     i_h = i_hq // G
     T_full = T
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_m * 2).to(tl.int32)
-        i_m = tl.load(chunk_indices + i_m * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        bos = (i_b * T).to(tl.int64)
+    i_m, bos, T = _block_span(i_m, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + (bos - i_b * T_full)
 
     o_m = i_m * BM + tl.arange(0, BM)
@@ -133,14 +141,7 @@ def _attn_bwd_dkdv_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
     T_full = T
-    if IS_VARLEN:
-        i_seq = tl.load(chunk_indices + i_n_blk * 2).to(tl.int32)
-        i_n_blk = tl.load(chunk_indices + i_n_blk * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        bos = (i_b * T).to(tl.int64)
+    i_n_blk, bos, T = _block_span(i_n_blk, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     lse_off = bos - i_b * T_full
 
     o_n = i_n_blk * BN + tl.arange(0, BN)
@@ -209,14 +210,7 @@ def _attn_bwd_dq_kernel(
     i_hq = i_bh % HQ
     i_h = i_hq // G
     T_full = T
-    if IS_VARLEN:
-        i_seq = tl.load(chunk_indices + i_m * 2).to(tl.int32)
-        i_m = tl.load(chunk_indices + i_m * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        bos = (i_b * T).to(tl.int64)
+    i_m, bos, T = _block_span(i_m, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + (bos - i_b * T_full)
 
     o_m = i_m * BM + tl.arange(0, BM)
