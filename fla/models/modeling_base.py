@@ -44,6 +44,29 @@ def build_norm(config, hidden_size: Optional[int] = None) -> nn.Module:
     return nn.RMSNorm(size, eps=config.norm_eps)
 
 
+def build_attention(config, layer_idx: int, spec: Optional[dict] = None) -> nn.Module:
+    """An ``fla.layers.Attention`` mixer for layer ``layer_idx``. Its head layout, bias, qk norm, window and RoPE base
+    come from ``spec`` (a hybrid's ``attn`` dict) or, without one, from the config's own fields (Transformer);
+    hidden size, ``max_position_embeddings`` and ``norm_eps`` always from the config."""
+    from fla.layers.attn import Attention
+
+    def field(name, default=None):
+        return spec.get(name, default) if spec is not None else getattr(config, name, default)
+
+    return Attention(
+        hidden_size=config.hidden_size,
+        num_heads=field("num_heads"),
+        num_kv_heads=field("num_kv_heads"),
+        qkv_bias=field("qkv_bias", False),
+        qk_norm=field("qk_norm", False),
+        window_size=field("window_size"),
+        rope_theta=field("rope_theta", 10000.0),
+        max_position_embeddings=config.max_position_embeddings,
+        layer_idx=layer_idx,
+        norm_eps=config.norm_eps,
+    )
+
+
 class FLABlock(GradientCheckpointingLayer):
     """Pre-norm block: ``h = x + attn(attn_norm(x))``; ``out = h + mlp(mlp_norm(h))``.
 

@@ -13,7 +13,7 @@ from typing import Union
 from fla.layers.attn import Attention
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.models.gated_deltanet.configuration_gated_deltanet import GatedDeltaNetConfig
-from fla.models.modeling_base import FLABlock, FLAForCausalLM, FLAModel
+from fla.models.modeling_base import FLABlock, FLAForCausalLM, FLAModel, build_attention
 
 
 class GatedDeltaNetBlock(FLABlock):
@@ -23,18 +23,7 @@ class GatedDeltaNetBlock(FLABlock):
     def build_mixer(self, config: GatedDeltaNetConfig, layer_idx: int) -> Union[GatedDeltaNet, Attention]:
         attn = getattr(config, "attn", None)
         if attn is not None and layer_idx in attn["layers"]:
-            return Attention(
-                hidden_size=config.hidden_size,
-                num_heads=attn["num_heads"],
-                num_kv_heads=attn["num_kv_heads"],
-                qkv_bias=attn["qkv_bias"],
-                qk_norm=attn.get("qk_norm", False),
-                window_size=attn["window_size"],
-                rope_theta=attn["rope_theta"],
-                max_position_embeddings=config.max_position_embeddings,
-                layer_idx=layer_idx,
-                norm_eps=config.norm_eps,
-            )
+            return build_attention(config, layer_idx, spec=attn)
         return GatedDeltaNet(
             hidden_size=config.hidden_size,
             expand_v=config.expand_v,

@@ -7,7 +7,7 @@ Init as every family: N(0, initializer_range), no residual rescale unless ``pren
 from __future__ import annotations
 
 from fla.layers.attn import Attention
-from fla.models.modeling_base import FLABlock, FLAForCausalLM, FLAModel
+from fla.models.modeling_base import FLABlock, FLAForCausalLM, FLAModel, build_attention
 from fla.models.transformer.configuration_transformer import TransformerConfig
 
 
@@ -15,18 +15,7 @@ class TransformerBlock(FLABlock):
     """``attn_norm`` -> ``attn`` (Attention) -> ``mlp_norm`` (fused residual add) -> ``mlp``."""
 
     def build_mixer(self, config: TransformerConfig, layer_idx: int) -> Attention:
-        return Attention(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            qkv_bias=config.qkv_bias,
-            qk_norm=config.qk_norm,
-            window_size=config.window_size,
-            rope_theta=config.rope_theta,
-            max_position_embeddings=config.max_position_embeddings,
-            layer_idx=layer_idx,
-            norm_eps=config.norm_eps,
-        )
+        return build_attention(config, layer_idx)
 
 
 class TransformerModel(FLAModel):
