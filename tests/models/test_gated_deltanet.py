@@ -20,6 +20,7 @@ import fla  # noqa: F401  (registers the models)
 from fla.models import Cache, GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
 from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
 from fla.utils.testing import assert_close
+from tests.models.helpers import greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -34,14 +35,6 @@ def tiny_config(**kwargs):
 
 def tiny_model(device, **kwargs):
     return AutoModelForCausalLM.from_config(tiny_config(**kwargs)).to(device)
-
-
-def left_padded_batch(lens, T, device):
-    ids = torch.randint(3, V, (len(lens), T), device=device)
-    mask = torch.zeros(len(lens), T, dtype=torch.long, device=device)
-    for b, n in enumerate(lens):
-        mask[b, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,7 +298,7 @@ def test_logits_to_keep(device):
 def test_padded_batch_equals_packed_batch(device):
     model = tiny_model(device).eval()
     lens, T = [9, 4, 7], 9
-    ids, mask = left_padded_batch(lens, T, device)
+    ids, mask = left_padded_batch(lens, T, device, V)
     mask[2] = 0
     mask[2, :7] = 1  # right padding too
     ids = ids.masked_fill(mask == 0, 0)
@@ -324,7 +317,7 @@ def test_cached_decoding_with_left_padding_matches_full_forward(device):
     T, prefill = 12, 4
     # random left padding; one full row, one row whose prefill chunk is all padding
     lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device)
+    ids, mask = left_padded_batch(lens, T, device, V)
     out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
     cache = out.past_key_values
     assert isinstance(cache, Cache) and cache.get_seq_length() == prefill
@@ -356,26 +349,9 @@ def test_plain_forward_cache_continues(device):
 # generate
 
 
-def greedy_reference(model, ids, mask, steps, eos=2, pad=0):
-    """Greedy continuation of each row on its own, without a cache; after EOS, generate() pads."""
-    rows = []
-    for b in range(ids.shape[0]):
-        seq = ids[b, mask[b].bool()][None]
-        new = []
-        for _ in range(steps):
-            if eos in new:
-                new.append(pad)
-                continue
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            new.append(int(nxt))
-        rows.append(torch.tensor(new, device=ids.device))
-    return torch.stack(rows)
-
-
 def test_generate_greedy_with_left_padding(device):
     model = tiny_model(device).eval()
-    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device)
+    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device, V)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (4, 11) and torch.equal(out[:, :6], ids)
     assert torch.equal(out[:, 6:], greedy_reference(model, ids, mask, 5))
@@ -387,7 +363,7 @@ def test_generate_greedy_with_left_padding(device):
 
 def test_generate_sampling_and_beam_search(device):
     model = tiny_model(device).eval()
-    ids, mask = left_padded_batch([5, 2], 5, device)
+    ids, mask = left_padded_batch([5, 2], 5, device, V)
     torch.manual_seed(1)
     a = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=8, pad_token_id=0)
     torch.manual_seed(1)

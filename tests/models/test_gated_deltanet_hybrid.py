@@ -16,6 +16,7 @@ from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from fla.models.gated_deltanet import GatedDeltaNetBlock
 from fla.modules import rotary_inv_freq
 from fla.utils.testing import assert_close
+from tests.models.helpers import greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -27,14 +28,6 @@ def tiny_model(device, window_size=None, **kwargs):
                    attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": window_size})
     options.update(kwargs)
     return AutoModelForCausalLM.from_config(GatedDeltaNetConfig(**options)).to(device)
-
-
-def left_padded_batch(lens, T, device):
-    ids = torch.randint(3, V, (len(lens), T), device=device)
-    mask = torch.zeros(len(lens), T, dtype=torch.long, device=device)
-    for b, n in enumerate(lens):
-        mask[b, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 PAPER = [  # name, hidden, GDN head dim, attention q / kv heads, window, tied, parameters
@@ -87,7 +80,7 @@ def test_attention_first_layer_and_config_errors(device):
     model = tiny_model(device, attn={"layers": [0, 2], "num_heads": 2}).eval()
     assert [type(layer.attn) for layer in model.model.layers] == [Attention, GatedDeltaNet, Attention]
     assert model.model.layers[0].attn.head_dim == 16 and model.model.layers[0].attn.num_kv_heads == 2
-    ids, mask = left_padded_batch([5, 3], 5, device)
+    ids, mask = left_padded_batch([5, 3], 5, device, V)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(out[:, 5:], greedy_reference(model, ids, mask, 3))
     with pytest.raises(ValueError, match="layer indices"):
@@ -127,7 +120,7 @@ def test_forward_backward(device):
 def test_padded_batch_equals_packed_batch(device, window_size):
     model = tiny_model(device, window_size).eval()
     lens, T = [9, 4, 7], 9
-    ids, mask = left_padded_batch(lens, T, device)
+    ids, mask = left_padded_batch(lens, T, device, V)
     padded = model(ids, attention_mask=mask).logits
     cu = torch.tensor([0, 9, 13, 20], device=device, dtype=torch.int32)
     packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
@@ -142,7 +135,7 @@ def test_cached_decoding_with_left_padding_matches_full_forward(device, window_s
     model = tiny_model(device, window_size).eval()
     T, prefill = 12, 4
     lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device)
+    ids, mask = left_padded_batch(lens, T, device, V)
     out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
     cache = out.past_key_values
     logits = [out.logits]
@@ -168,26 +161,10 @@ def test_plain_forward_cache_continues(device):
     assert_close("continued", torch.cat([first.logits, second.logits], 1), full, 1e-4)
 
 
-def greedy_reference(model, ids, mask, steps, eos=2, pad=0):
-    """Greedy continuation of each row on its own, without a cache; after EOS, generate() pads."""
-    rows = []
-    for b in range(ids.shape[0]):
-        seq, new = ids[b, mask[b].bool()][None], []
-        for _ in range(steps):
-            if eos in new:
-                new.append(pad)
-                continue
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            new.append(int(nxt))
-        rows.append(torch.tensor(new, device=ids.device))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("window_size", [None, 3])
 def test_generate_greedy_with_left_padding(device, window_size):
     model = tiny_model(device, window_size).eval()
-    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device)
+    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device, V)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (4, 11) and torch.equal(out[:, :6], ids)
     assert torch.equal(out[:, 6:], greedy_reference(model, ids, mask, 5))

@@ -13,6 +13,7 @@ import fla  # noqa: F401  (registers the models)
 from fla.models import Cache, TransformerConfig, TransformerForCausalLM, TransformerModel
 from fla.modules import rotary_inv_freq
 from fla.utils.testing import assert_close
+from tests.models.helpers import greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -23,14 +24,6 @@ def tiny_model(device, **kwargs):
                    initializer_range=0.05)
     options.update(kwargs)
     return AutoModelForCausalLM.from_config(TransformerConfig(**options)).to(device)
-
-
-def left_padded_batch(lens, T, device):
-    ids = torch.randint(3, V, (len(lens), T), device=device)
-    mask = torch.zeros(len(lens), T, dtype=torch.long, device=device)
-    for b, n in enumerate(lens):
-        mask[b, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def test_auto_classes(tmp_path):
@@ -105,7 +98,7 @@ def test_forward_backward(device):
 def test_padded_batch_equals_packed_batch(device, window_size):
     model = tiny_model(device, window_size=window_size).eval()
     lens, T = [9, 4, 7], 9
-    ids, mask = left_padded_batch(lens, T, device)
+    ids, mask = left_padded_batch(lens, T, device, V)
     padded = model(ids, attention_mask=mask).logits
     cu = torch.tensor([0, 9, 13, 20], device=device, dtype=torch.int32)
     packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
@@ -120,7 +113,7 @@ def test_cached_decoding_with_left_padding_matches_full_forward(device, window_s
     model = tiny_model(device, window_size=window_size).eval()
     T, prefill = 12, 4
     lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device)
+    ids, mask = left_padded_batch(lens, T, device, V)
     out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
     cache = out.past_key_values
     assert isinstance(cache, Cache)
@@ -145,25 +138,10 @@ def test_plain_forward_cache_continues(device):
     assert_close("continued", torch.cat([first.logits, second.logits], 1), full, 1e-5)
 
 
-def greedy_reference(model, ids, mask, steps, eos=2, pad=0):
-    rows = []
-    for b in range(ids.shape[0]):
-        seq, new = ids[b, mask[b].bool()][None], []
-        for _ in range(steps):
-            if eos in new:
-                new.append(pad)
-                continue
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            new.append(int(nxt))
-        rows.append(torch.tensor(new, device=ids.device))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("window_size", [None, 3])
 def test_generate_greedy_with_left_padding(device, window_size):
     model = tiny_model(device, window_size=window_size).eval()
-    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device)
+    ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device, V)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (4, 11) and torch.equal(out[:, :6], ids)
     assert torch.equal(out[:, 6:], greedy_reference(model, ids, mask, 5))
