@@ -71,6 +71,14 @@ def num_warps(dtype: torch.dtype) -> int:
     return 4
 
 
+def wy_bwd_num_warps(dtype: torch.dtype) -> int:
+    """Warps of the WY-representation backward kernel (``wy_bwd.py``): always 2. With 4 warps at chunk size 64,
+    Triton 3.4 - 3.7 on Hopper miscompile this kind of kernel: on an H200 with Triton 3.6 our bf16 / fp16 runs
+    read out of bounds (illegal memory access) or gave dk with relative error 0.2; FLA hit the same in its delta
+    rule WY backward (FLA #984) and bisected it to num_warps = 4 (2 is right for every num_stages)."""
+    return 2
+
+
 def block_k(K: int) -> int:
     """Tile width along a head dimension for the per-chunk kernels (tl.dot needs at least 16)."""
     return max(16, min(64, triton.next_power_of_2(K)))

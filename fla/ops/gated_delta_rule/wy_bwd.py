@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_span, dot_precision, num_stages, num_warps
+from fla.ops.gated_delta_rule.chunk_common import (
+    Chunking,
+    block_k,
+    chunk_span,
+    dot_precision,
+    num_stages,
+    wy_bwd_num_warps,
+)
 
 
 @triton.jit
@@ -138,6 +145,7 @@ def wy_bwd(k, v, g, beta, ai, w, u, dw, du, dk_in, dg_in, chunking: Chunking):
     _wy_bwd_kernel[(chunking.num_chunks, H)](
         k, v, g, beta, ai, w, u, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, chunking.chunk_indices, chunking.cu_seqlens,
         T, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=block_k(D_K), BV=block_k(D_V),
-        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
+        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=wy_bwd_num_warps(k.dtype),
+        num_stages=num_stages(k.dtype),
     )
     return dk, dv, dbeta, dg

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+from fla.ops.gated_delta_rule.chunk_torch import chunk_gated_delta_rule_torch
 from fla.ops.utils.cumsum import chunk_local_cumsum, chunk_local_cumsum_torch
 from fla.ops.utils.solve_tril import solve_tril
 from fla.utils.testing import assert_close
@@ -71,7 +72,19 @@ def make_inputs(B, T, H, K, V, dtype, device, N=None, use_h0=True, l2norm=False)
     return q.to(dtype), k.to(dtype), v.to(dtype), g, beta.to(dtype), h0
 
 
-def run_and_compare(q, k, v, g, beta, h0, scale, cu_seqlens, l2norm, tol, dg_tol=None, final_state_grad=True):
+def chunked_reference(q, k, v, g, beta, scale, initial_state=None, cu_seqlens=None, l2norm=False):
+    """The chunked torch path in float64 (itself checked against ``reference`` on CPU): fast enough for the GPU
+    tests' long sequences, where the token-by-token float64 autograd graph took most of the run."""
+    q, k, v, g, beta = (t.double() for t in (q, k, v, g, beta))
+    if l2norm:
+        q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+    h0 = initial_state.double() if initial_state is not None else None
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, h0, True, cu_seqlens)
+
+
+def run_and_compare(q, k, v, g, beta, h0, scale, cu_seqlens, l2norm, tol, dg_tol=None, final_state_grad=True,
+                    reference_fn=None):
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
     h0_leaf = h0.clone().requires_grad_(True) if h0 is not None else None
     o, ht = chunk_gated_delta_rule(*leaves, scale=scale, initial_state=h0_leaf, output_final_state=True,
@@ -83,7 +96,7 @@ def run_and_compare(q, k, v, g, beta, h0, scale, cu_seqlens, l2norm, tol, dg_tol
 
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, g, beta)]
     ref_h0 = h0.detach().double().requires_grad_(True) if h0 is not None else None
-    o_ref, ht_ref = reference(*ref_leaves, scale, ref_h0, cu_seqlens, l2norm)
+    o_ref, ht_ref = (reference_fn or reference)(*ref_leaves, scale, ref_h0, cu_seqlens, l2norm)
     torch.autograd.backward([o_ref] + ([ht_ref] if final_state_grad else []),
                             [do.double()] + ([dht.double()] if final_state_grad else []))
 
@@ -237,7 +250,8 @@ GPU_CASES = [  # (B, T, H, K, V, dtype, l2norm)
 def test_chunk_gpu(triton_backend, B, T, H, K, V, dtype, l2norm):
     q, k, v, g, beta, h0 = make_inputs(B, T, H, K, V, dtype, "cuda", l2norm=l2norm)
     tol = GPU_TOL[dtype]
-    run_and_compare(q, k, v, g, beta, h0, K ** -0.5, None, l2norm, tol, DG_FACTOR * tol)
+    run_and_compare(q, k, v, g, beta, h0, K ** -0.5, None, l2norm, tol, DG_FACTOR * tol,
+                    reference_fn=chunked_reference)
 
 
 @pytest.mark.gpu
@@ -247,4 +261,5 @@ def test_chunk_gpu_varlen(triton_backend, dtype):
     cu_seqlens = torch.tensor(cu, dtype=torch.int32, device="cuda")
     q, k, v, g, beta, h0 = make_inputs(1, cu[-1], 4, 128, 128, dtype, "cuda", N=len(cu) - 1, l2norm=True)
     tol = GPU_TOL[dtype]
-    run_and_compare(q, k, v, g, beta, h0, 128 ** -0.5, cu_seqlens, True, tol, DG_FACTOR * tol)
+    run_and_compare(q, k, v, g, beta, h0, 128 ** -0.5, cu_seqlens, True, tol, DG_FACTOR * tol,
+                    reference_fn=chunked_reference)
