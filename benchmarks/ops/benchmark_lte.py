@@ -1,0 +1,143 @@
+"""LTE on one CUDA GPU: training attention (window + selected keys) and the decode step, beside their anchors.
+
+    python -m benchmarks.ops.benchmark_lte [--out DIR] [--quick] [--no-flex]
+
+Training attention, bf16, forward and forward+backward (median of triton.testing.do_bench), w = 768 (769 keys),
+about 12.5% of keys selected at random, shapes B-T-HQ-H-D 8-4096-16-16-64 and 8-4096-32-8-64:
+    - ours: ``fla.ops.lte.parallel_kernels.lte_attn_triton`` (score gradient included in the backward);
+    - swa:  our sliding-window ``parallel_attn`` (Triton) with the same 769 keys per query: the floor LTE adds to;
+    - flex: FlexAttention (compiled) with the same mask, the block mask built inside every step as training needs.
+Decode step, bf16, B8 HQ16 H16 D64: ``lte_cache_step`` + ``lte_decoding_one_step`` over a 769-slot ring and a
+512-slot buffer (the cost does not depend on the context) beside full-attention ``attn_decoding_one_step`` over
+4K / 16K / 64K cached keys.
+
+Prints tables with ratios and writes OUT/lte.{txt,json} (default OUT: benchmarks/results). Asserts no speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from benchmarks.common import backend, bench_ms, device_name, print_table, write_json
+
+SHAPES = [(8, 4096, 16, 16, 64), (8, 4096, 32, 8, 64)]
+QUICK_SHAPES = [(2, 1024, 16, 16, 64)]
+WINDOW = 768
+FRACTION = 0.125
+
+
+def _flex_step(q, k, v, selected, window):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    B, T, HQ, _ = q.shape
+    G = HQ // k.shape[2]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def run():
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & ((qi - ki <= window) | selected[b, ki, h // G])
+
+        block_mask = create_block_mask(mask_mod, B, HQ, T, T, device=q.device)
+        return compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=G > 1)
+
+    return run
+
+
+def prefill_rows(shapes, use_flex: bool, rep_ms: int):
+    from fla.ops.attn import parallel_attn
+    from fla.ops.lte.parallel_kernels import lte_attn_triton
+
+    rows = []
+    for B, T, HQ, H, D in shapes:
+        dev = "cuda"
+        q = torch.randn(B, T, HQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        score = (torch.rand(B, T, H, device=dev) - (1 - FRACTION)).requires_grad_(True)
+        selected = score.detach() > 0
+        do = torch.randn(B, T, HQ, D, device=dev, dtype=torch.bfloat16)
+        leaves = [q, k, v, score]
+        fns = {"ours": lambda: lte_attn_triton(q, k, v, score, selected, WINDOW, D ** -0.5),
+               "swa": lambda: parallel_attn(q, k, v, window_size=WINDOW + 1)}
+        if use_flex:
+            fns["flex"] = _flex_step(q, k, v, selected, WINDOW)
+        times = {}
+        with backend("triton"):
+            for name, fn in fns.items():
+                try:
+                    times[name, "fwd"] = bench_ms(lambda: fn(), rep_ms=rep_ms)
+                    times[name, "fwdbwd"] = bench_ms(lambda: fn().backward(do.transpose(1, 2) if name == "flex"
+                                                                             else do), rep_ms=rep_ms,
+                                                     grad_to_none=leaves)
+                except Exception as e:  # report, keep going
+                    print(f"{name} failed at {(B, T, HQ, H, D)}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        for mode in ("fwd", "fwdbwd"):
+            row = {"shape": f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}", "mode": mode}
+            for name in fns:
+                row[f"{name}_ms"] = round(times.get((name, mode), float("nan")), 3)
+            row["ours/swa"] = round(row["ours_ms"] / row["swa_ms"], 2)
+            if use_flex:
+                row["ours/flex"] = round(row["ours_ms"] / row["flex_ms"], 2)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def decode_rows(contexts, rep_ms: int):
+    from fla.ops.attn import attn_decoding_one_step
+    from fla.ops.lte.cache import lte_cache_step, lte_empty_cache
+    from fla.ops.lte.decoding import lte_decoding_one_step
+
+    B, HQ, H, D, buffer_size = 8, 16, 16, 64, 512
+    dev, dt = "cuda", torch.bfloat16
+    kc, vc, sc, sk, va = lte_empty_cache(B, WINDOW, buffer_size, H, D, D, dtype=dt, device=dev)
+    kc.normal_(); vc.normal_(); sc.uniform_(-0.5, 0.5); va.fill_(True)
+    q = torch.randn(B, 1, HQ, D, device=dev, dtype=dt)
+    new_k, new_v = torch.randn(B, H, D, device=dev, dtype=dt), torch.randn(B, H, D, device=dev, dtype=dt)
+    slot = torch.zeros(B, dtype=torch.long, device=dev)
+    ones = torch.ones(B, dtype=torch.bool, device=dev)
+
+    def lte_step():
+        slot.add_(1).remainder_(WINDOW + 1)
+        lte_cache_step(kc, vc, sc, sk, va, slot, new_k, new_v, ones, ~ones, WINDOW)
+        return lte_decoding_one_step(q, kc, vc, va)
+
+    rows = []
+    with backend("triton"):
+        lte_ms = bench_ms(lte_step, rep_ms=rep_ms)
+        for S in contexts:
+            k = torch.randn(B, S, H, D, device=dev, dtype=dt)
+            v = torch.randn(B, S, H, D, device=dev, dtype=dt)
+            full_ms = bench_ms(lambda: attn_decoding_one_step(q, k, v), rep_ms=rep_ms)
+            rows.append({"context": S, "lte_step_us": round(lte_ms * 1e3, 1), "full_attn_us": round(full_ms * 1e3, 1),
+                         "lte/full": round(lte_ms / full_ms, 2)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--rep-ms", type=int, default=100)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmark_lte needs a CUDA GPU")
+    decode = decode_rows([4096] if args.quick else [4096, 16384, 65536], args.rep_ms)
+    prefill = prefill_rows(QUICK_SHAPES if args.quick else SHAPES, not args.no_flex, args.rep_ms)
+    title = f"LTE on {device_name()}, torch {torch.__version__}"
+    text = print_table(prefill, list(prefill[0]), title=title + ": training attention (ms)") + "\n"
+    text += print_table(decode, list(decode[0]), title=title + ": decode step, B8 HQ16 H16 D64 (us)")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "lte.txt"), "w") as f:
+        f.write(text + "\n")
+    write_json(os.path.join(args.out, "lte.json"), {"device": device_name(), "prefill": prefill, "decode": decode})
+
+
+if __name__ == "__main__":
+    main()
