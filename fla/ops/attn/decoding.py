@@ -2,11 +2,10 @@
 
 Two implementations of ``fla.ops.attn.naive.naive_attn_decoding`` (the float32 truth):
 
-- torch path (default everywhere for now): the reference math vectorised in float32, with GQA by reshaping the
+- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): the reference math vectorised in float32, with GQA by reshaping the
   query heads into [B, H, G] groups (no repeat of the cache).
 - Triton path (``fla.ops.attn.decoding_kernels``): one program per (row, query head) streaming over the cache with an
-  online softmax. **Opt-in** until proven on the GPU: it runs only with ``FLA_BACKEND=triton``
-  (``use_triton(q, auto_on_cuda=False)``).
+  online softmax. Default on CUDA (its tests pass on an H200 with Triton 3.6).
 
 Cache convention: row b's valid keys are ``seq_start[b] .. S - 1`` (left padding); the newest token's key and value
 are already the last cache entry. With ``window_size = w`` the query sees only the last w valid keys. A row with
@@ -63,7 +62,7 @@ def attn_decoding_one_step(
     Returns:
         o [B, 1, HQ, V] in q.dtype.
 
-    The Triton kernel is opt-in (``FLA_BACKEND=triton``) until validated on the GPU.
+    CUDA tensors take the Triton kernel, CPU tensors the torch path (``FLA_BACKEND`` overrides).
     """
     _check_qkv(q, k, v, time_dim_name="S")
     if q.shape[1] != 1:
@@ -74,7 +73,7 @@ def attn_decoding_one_step(
         check_tensor("seq_start", seq_start, ndim=1, dtype=(torch.int32, torch.int64), shape=(q.shape[0],),
                      device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_triton(q, auto_on_cuda=False):
+    if use_triton(q):
         from fla.ops.attn.decoding_kernels import attn_decoding_fwd
 
         return attn_decoding_fwd(q, k, v, scale, window_size, seq_start)

@@ -2,13 +2,12 @@
 
 Two implementations of the same function (``fla.ops.attn.naive.naive_attn`` is the float32 truth):
 
-- torch path (default everywhere for now): ``F.scaled_dot_product_attention``, with ``is_causal=True`` for full
+- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): ``F.scaled_dot_product_attention``, with ``is_causal=True`` for full
   attention and an explicit boolean [T, T] mask for a window; packed sequences run one SDPA call each (up to 16
   sequences) or one call with a block-diagonal mask over ``cu_seqlens``; GQA through ``enable_gqa``; autograd by
   torch.
-- Triton path (``fla.ops.attn.parallel_kernels``): flash-attention forward + backward kernels. **Opt-in** until
-  proven on the GPU: it runs only with ``FLA_BACKEND=triton`` (``use_triton(q, auto_on_cuda=False)``), so CUDA
-  tensors keep the torch path by default.
+- Triton path (``fla.ops.attn.parallel_kernels``): flash-attention forward + backward kernels, the
+  default on CUDA (their tests pass on an H200 with Triton 3.6).
 
 Window convention: with ``window_size = w`` query i sees keys max(0, i - w + 1) .. i (w keys, itself included),
 i.e. flash-attn's ``window_size=(w - 1, 0)``.
@@ -143,8 +142,7 @@ def parallel_attn(
     Returns:
         o [B, T, HQ, V] in q.dtype.
 
-    The Triton kernels are opt-in (``FLA_BACKEND=triton``) until validated on the GPU; otherwise the torch
-    (SDPA) path runs, on CPU and CUDA alike.
+    CUDA tensors take the Triton kernels, CPU tensors the torch (SDPA) path (``FLA_BACKEND`` overrides).
     """
     _check_qkv(q, k, v)
     if k.shape[1] != q.shape[1]:
@@ -153,6 +151,6 @@ def parallel_attn(
     _check_scale(scale)
     check_cu_seqlens(cu_seqlens, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_triton(q, auto_on_cuda=False):
+    if use_triton(q):
         return ParallelAttnFunction.apply(q, k, v, scale, window_size, cu_seqlens)
     return parallel_attn_torch(q, k, v, scale, window_size, cu_seqlens)

@@ -17,7 +17,7 @@ Ops:
   keeps the incumbent); then the new token takes the ring slot with score -inf (the layer scores it later by writing
   ``score[:, slot, h]``). The buffer is therefore the streaming top-b by priority of every selected token that left
   the window. Torch path (vectorised gathers / ``index_put_``) or Triton kernel (``fla.ops.lte.cache_kernels``,
-  opt-in: ``FLA_BACKEND=triton``); both run without host syncs or data-dependent shapes (CUDA-graph capturable).
+  the default on CUDA; proven on an H200); both run without host syncs or data-dependent shapes (CUDA-graph capturable).
 - ``lte_cache_prefill``: the state after L prompt tokens in one shot (sort-based top-b), equal to L steps from
   ``lte_empty_cache`` with each token's final score written into the ring before it leaves.
 - ``lte_empty_cache``: the state before any token.
@@ -150,7 +150,7 @@ def lte_cache_step(
     check_tensor("new_sink", new_sink, dtype=torch.bool, shape=(B,), device=dev)
     if B == 0 or H == 0:
         return None
-    if use_triton(k_cache, auto_on_cuda=False):
+    if use_triton(k_cache):
         from fla.ops.lte.cache_kernels import lte_cache_step_fwd, lte_cache_step_supported
 
         if lte_cache_step_supported(k_cache, v_cache, score, sink, valid):
