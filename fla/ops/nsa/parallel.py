@@ -1,0 +1,222 @@
+"""``parallel_nsa``: Native Sparse Attention over whole sequences (or the last T_q queries of T_k keys).
+
+Semantics: ``fla.ops.nsa.naive`` (the float32 truth). Two implementations:
+
+- torch path (default): vectorised float32 computation per (dense batch | packed sequence): compressed attention
+  over mean-pooled complete blocks, top-k block selection (non-differentiable), selected attention through a
+  dense block mask by query chunks (bounded peak memory without autograd; O(HQ T_q T_k) saved with autograd),
+  sliding-window attention (``fla.ops.attn.parallel_attn`` when T_q = T_k, else a masked softmax); gradients by
+  autograd.
+- Triton path: compressed attention forward + backward and the block ranking
+  (``fla.ops.nsa.compression_kernels``; mean pooling and ``torch.topk`` stay in torch), selected-block attention
+  forward + backward (``fla.ops.nsa.parallel_kernels``), the window branch through ``parallel_attn``'s kernels
+  (T_q = T_k; a masked softmax in torch otherwise). **Opt-in** (``FLA_BACKEND=triton``) until proven on the GPU.
+  Packed sequences run one launch set per sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fla.ops.nsa.compression import blocks_to_token_mask, compression_attention, mean_pool_blocks, select_blocks
+from fla.ops.nsa.naive import CuSeqlens, split_cu_seqlens
+from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_positive_int, check_tensor, use_triton
+
+
+def _masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """q [B, T, H, G, D], k [B, S, H, D], v [B, S, H, V] (float32), mask [B, H, T, S] bool ->
+    o [B, T, H, G, V]; a query without any allowed key gets 0."""
+    s = torch.einsum("bthgd,bshd->bhgts", q, k) * scale
+    m = mask[:, :, None]
+    s = s.masked_fill(~m, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1) * m
+    return torch.einsum("bhgts,bshv->bthgv", p, v)
+
+
+def _window_mask(positions: torch.Tensor, num_keys: int, window_size: int) -> torch.Tensor:
+    """[T, num_keys] bool: key j allowed iff P - w < j <= P."""
+    j = torch.arange(num_keys, device=positions.device)
+    d = positions[:, None] - j[None]
+    return (d >= 0) & (d < window_size)
+
+
+# the torch path's selected branch works on query chunks of at most this many score elements (HQ x rows x keys)
+_SCORE_ELEMENTS_PER_CHUNK = 1 << 24
+
+
+def _selected_attention_torch(qf, kf, vf, block_indices, block_size, positions, scale):
+    """Selected-block attention through a dense block mask, by query chunks (each chunk only reads the keys up to
+    its last query: bounded peak memory in inference, half the work of a full mask)."""
+    B, Tq, H, G, _ = qf.shape
+    Tk = kf.shape[1]
+    rows = max(1, _SCORE_ELEMENTS_PER_CHUNK // max(1, H * G * Tk))
+    outs = []
+    for t0 in range(0, Tq, rows):
+        t1 = min(Tq, t0 + rows)
+        keys = int(positions[t1 - 1]) + 1
+        mask = blocks_to_token_mask(block_indices[:, t0:t1], keys, block_size, positions[t0:t1])
+        outs.append(_masked_softmax_attention(qf[:, t0:t1], kf[:, :keys], vf[:, :keys], mask, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale, block_indices):
+    """One dense batch: q [B, Tq, HQ, D], k/v [B, Tk, H, *] with queries = the last Tq tokens."""
+    B, Tq, HQ, D = q.shape
+    Tk, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    V = v.shape[-1]
+    out_dtype = q.dtype
+    if Tq == 0:
+        return q.new_zeros(B, 0, HQ, V), (None if block_indices is not None else
+                                         torch.full((B, 0, H, block_counts), -1, dtype=torch.long,
+                                                    device=q.device))
+    kf, vf = k.float(), v.float()
+    positions = torch.arange(Tq, device=q.device) + (Tk - Tq)
+    triton_path = use_triton(q, auto_on_cuda=False)
+    # float32 queries for the torch computations (a view for float32 inputs; the Triton path needs them only for
+    # a window branch with T_q < T_k)
+    qf = q.float().reshape(B, Tq, H, G, D) if not triton_path or (window_size and Tq != Tk) else None
+    if triton_path:
+        from fla.ops.nsa.compression_kernels import block_importance, compression_attention_triton, top_blocks
+        from fla.ops.nsa.parallel_kernels import selected_attention
+        k_cmp = mean_pool_blocks(kf, block_size).to(k.dtype)
+        v_cmp = mean_pool_blocks(vf, block_size).to(v.dtype)
+        o_cmp, lse = compression_attention_triton(q, k_cmp, v_cmp, Tk, block_size, scale)
+        o_cmp = o_cmp.float().view(B, Tq, H, G, V)
+        if block_indices is None and g_slc is not None:
+            block_indices = top_blocks(block_importance(q, k_cmp, lse, Tk, block_size, scale), block_counts)
+    else:
+        k_cmp, v_cmp = mean_pool_blocks(kf, block_size), mean_pool_blocks(vf, block_size)
+        o_cmp, probs = compression_attention(qf, k_cmp, v_cmp, (positions + 1) // block_size, scale)
+        if block_indices is None:
+            block_indices = select_blocks(probs, positions // block_size, (Tk + block_size - 1) // block_size,
+                                          block_counts)
+    o = 0
+    if g_cmp is not None:
+        o = o + o_cmp * g_cmp.float().view(B, Tq, H, G, 1)
+    if g_slc is not None:
+        if triton_path:
+            o_slc = selected_attention(q, k, v, block_indices, block_size, scale).float().view(B, Tq, H, G, V)
+        else:
+            o_slc = _selected_attention_torch(qf, kf, vf, block_indices, block_size, positions, scale)
+        o = o + o_slc * g_slc.float().view(B, Tq, H, G, 1)
+    if g_swa is not None and window_size:
+        if Tq == Tk:
+            from fla.ops.attn import parallel_attn
+            o_swa = parallel_attn(q, k, v, scale=scale, window_size=window_size).float().view(B, Tq, H, G, V)
+        else:
+            lo = max(0, Tk - Tq - window_size + 1)  # the earliest key any query's window reaches
+            mask = _window_mask(positions - lo, Tk - lo, window_size)[None, None].expand(B, H, Tq, Tk - lo)
+            o_swa = _masked_softmax_attention(qf, kf[:, lo:], vf[:, lo:], mask, scale)
+        o = o + o_swa * g_swa.float().view(B, Tq, H, G, 1)
+    if not isinstance(o, torch.Tensor):
+        o = kf.new_zeros(B, Tq, H, G, V)
+    return o.reshape(B, Tq, HQ, V).to(out_dtype), block_indices
+
+
+def _check_gate(name, g, q):
+    if g is not None:
+        check_tensor(name, g, ndim=3, shape=list(q.shape[:3]), device=q.device)
+
+
+def parallel_nsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cmp: Optional[torch.Tensor] = None,
+    g_slc: Optional[torch.Tensor] = None,
+    g_swa: Optional[torch.Tensor] = None,
+    block_counts: int = 16,
+    block_size: int = 64,
+    window_size: Optional[int] = 512,
+    scale: Optional[float] = None,
+    cu_seqlens: CuSeqlens = None,
+    block_indices: Optional[torch.Tensor] = None,
+    return_block_indices: bool = False,
+):
+    """Native Sparse Attention (compressed + selected + sliding-window branches, gated sum).
+
+    Args:
+        q: [B, T_q, HQ, D]; k: [B, T_k, H, D]; v: [B, T_k, H, V]; one float dtype; HQ a multiple of H (any group
+            size); T_q <= T_k: the queries are the **last** T_q tokens of the key sequence (chunked prefill,
+            one-token decoding).
+        g_cmp, g_slc, g_swa: [B, T_q, HQ] gates of the compressed, selected and window branches (None: the branch
+            is left out of the sum).
+        block_counts: S >= 1 selected blocks per query and kv head (blocks 0, IC - 1, IC always among them when
+            S >= 3). block_size: BS >= 1 tokens per block (also the compression stride).
+        window_size: w keys per query for the window branch, itself included; 0 or None: no window branch.
+        scale: default D ** -0.5.
+        cu_seqlens: packed sequences with B = 1: an int tensor [N + 1] (T_q = T_k) or a pair (cu_q, cu_k) of
+            [N + 1] offsets, sequence n's queries being the last cu_q-length of its cu_k-length keys.
+        block_indices: [B, T_q, H, S'] int block ids (-1 = none) to use instead of the top-k selection.
+        return_block_indices: also return the block indices used ([B, T_q, H, S], ascending, -1 padded).
+
+    Returns:
+        o [B, T_q, HQ, V] in q.dtype (and the block indices when asked). Differentiable in q, k, v and the gates.
+    """
+    check_tensor("q", q, ndim=4, dtype=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
+    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
+    B, Tq, HQ, D = q.shape
+    if k.shape[0] != B or k.shape[-1] != D:
+        raise ValueError(f"k must have shape [B={B}, T_k, H, D={D}], got {list(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape [{', '.join(map(str, k.shape[:3]))}, V], got {list(v.shape)}")
+    H = k.shape[2]
+    if H == 0 or HQ % H:
+        raise ValueError(f"the number of query heads HQ={HQ} must be a multiple of the number of kv heads H={H}")
+    if Tq > k.shape[1]:
+        raise ValueError(f"q has T_q={Tq} tokens but k only T_k={k.shape[1]}; queries are the last T_q keys' tokens")
+    check_positive_int("block_counts", block_counts)
+    check_positive_int("block_size", block_size)
+    if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
+                                    or window_size < 0):
+        raise ValueError(f"window_size must be None, 0 (no window branch) or an int >= 1, got {window_size!r}")
+    if window_size and g_swa is None:
+        raise ValueError(f"window_size={window_size} asks for the window branch, but g_swa is None (pass its gate, "
+                         "or window_size=0)")
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        _check_gate(name, g, q)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale must be None (meaning D ** -0.5) or a number, got {scale!r}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    cu_q, cu_k = split_cu_seqlens(cu_seqlens)
+    if cu_q is not None:
+        check_cu_seqlens(cu_q, q, "cu_seqlens (queries)")
+        check_cu_seqlens(cu_k, k, "cu_seqlens (keys)")
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"cu_seqlens of queries ({cu_q.numel()}) and keys ({cu_k.numel()}) must describe the "
+                             "same number of sequences")
+        if bool(((cu_q[1:] - cu_q[:-1]) > (cu_k[1:] - cu_k[:-1])).any()):
+            raise ValueError("every packed sequence must have at most as many queries as keys (cu_seqlens pair)")
+    if block_indices is not None:
+        check_tensor("block_indices", block_indices, ndim=4, dtype=(torch.int32, torch.int64), device=q.device)
+        if list(block_indices.shape[:3]) != [B, Tq, H]:
+            raise ValueError(f"block_indices must have shape [B={B}, T_q={Tq}, H={H}, S], "
+                             f"got {list(block_indices.shape)}")
+
+    if cu_q is None:
+        o, idx = _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale,
+                            block_indices)
+    else:
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        outs, idxs = [], []
+        for n in range(len(bq) - 1):
+            sq, sk = slice(bq[n], bq[n + 1]), slice(bk[n], bk[n + 1])
+            gate = [None if g is None else g[:, sq] for g in (g_cmp, g_slc, g_swa)]
+            bi = None if block_indices is None else block_indices[:, sq]
+            o_n, i_n = _nsa_dense(q[:, sq], k[:, sk], v[:, sk], *gate, block_counts, block_size, window_size,
+                                  scale, bi)
+            outs.append(o_n)
+            idxs.append(i_n)
+        o = torch.cat(outs, 1) if outs else q.new_zeros(1, 0, HQ, v.shape[-1])
+        idx = None
+        if return_block_indices:
+            width = max([i.shape[-1] for i in idxs], default=block_counts)
+            idx = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1) for i in idxs], 1)
+    if return_block_indices:
+        return o, idx
+    return o
