@@ -7,5 +7,7 @@ through ``kwargs``; the per-layer state lives in an ``fla.models.utils.Cache`` a
 
 from fla.layers.attn import Attention
 from fla.layers.gated_deltanet import GatedDeltaNet
+from fla.layers.lte import LTEAttention
+from fla.layers.nsa import NativeSparseAttention
 
-__all__ = ["Attention", "GatedDeltaNet"]
+__all__ = ["Attention", "GatedDeltaNet", "LTEAttention", "NativeSparseAttention"]

@@ -32,24 +32,17 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from fla.layers.utils import check_mixer_inputs, check_padding_mask, pad_input, unpad_input
+from fla.layers.utils import (
+    check_mixer_inputs,
+    check_padding_mask,
+    left_align,
+    left_aligned_mask,
+    pad_input,
+    unpad_input,
+)
 from fla.modules import RMSNorm, RotaryEmbedding
 from fla.ops.utils.index import prepare_lens
 from fla.utils import check_positive_int
-
-
-def _left_aligned_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
-    """[N, width] bool: row n is True in its last lens[n] columns."""
-    cols = torch.arange(width, device=lens.device)
-    return cols[None, :] >= (width - lens)[:, None]
-
-
-def _left_align(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scatter packed tokens [total, ...] (row after row, in order) into [N, W, ...] where ``mask`` [N, W] is True;
-    zeros elsewhere."""
-    out = packed.new_zeros(tuple(mask.shape) + tuple(packed.shape[1:]))
-    out[mask] = packed
-    return out
 
 
 def _masked_attention(q, k, v, q_pos, k_pos, k_valid, window_size, scale):
@@ -219,8 +212,8 @@ class Attention(nn.Module):
             o = parallel_attn(q, k, v, window_size=self.window_size, cu_seqlens=cu_seqlens)
             if store:
                 if cu_seqlens is not None:  # store the rows left-aligned: [N, max len]
-                    aligned = _left_aligned_mask(lens, int(lens.max()) if lens.numel() else 0)
-                    k_store, v_store = _left_align(k[0], aligned), _left_align(v[0], aligned)
+                    aligned = left_aligned_mask(lens, int(lens.max()) if lens.numel() else 0)
+                    k_store, v_store = left_align(k[0], aligned), left_align(v[0], aligned)
                 else:
                     k_store, v_store = k, v
                 past_key_values.update(attn_state=(k_store, v_store), layer_idx=self.layer_idx, offset=q_len,
@@ -288,18 +281,18 @@ class Attention(nn.Module):
         self._check_cache_rows(n, cached)
         q, k = self.rotary(q, k, seqlen_offset=lengths, cu_seqlens=cu_seqlens)
         width = q.shape[1] if cu_seqlens is None else (int(lens.max()) if n else 0)
-        new_valid = _left_aligned_mask(lens, width)
+        new_valid = left_aligned_mask(lens, width)
         if cu_seqlens is not None:
-            q, k, v = (_left_align(x[0], new_valid) for x in (q, k, v))
+            q, k, v = (left_align(x[0], new_valid) for x in (q, k, v))
         S = cache_k.shape[1]
         cached_real = lengths.clamp(max=S)
-        old_valid = _left_aligned_mask(cached_real, S)
+        old_valid = left_aligned_mask(cached_real, S)
         # all keys of a row, left-aligned again: its cached real tokens, then its new ones
         total_real = cached_real + lens
-        keys_valid = _left_aligned_mask(total_real, S + width)
+        keys_valid = left_aligned_mask(total_real, S + width)
         both_valid = torch.cat([old_valid, new_valid], 1)
-        all_k = _left_align(torch.cat([cache_k, k], 1)[both_valid], keys_valid)
-        all_v = _left_align(torch.cat([cache_v, v], 1)[both_valid], keys_valid)
+        all_k = left_align(torch.cat([cache_k, k], 1)[both_valid], keys_valid)
+        all_v = left_align(torch.cat([cache_v, v], 1)[both_valid], keys_valid)
         cols = torch.arange(S + width, device=q.device)
         k_pos = (lengths + lens)[:, None] - (S + width - cols)[None, :]
         q_cols = torch.arange(width, device=q.device)

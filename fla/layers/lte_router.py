@@ -74,6 +74,17 @@ def _check_int_list(name: str, values, *, odd: bool = False) -> List[int]:
     return out
 
 
+def init_router_conv(conv: nn.Conv2d) -> None:
+    """The reference's init of one router convolution (marked by ``LTEConvolutionStack`` with ``lte_projection``):
+    Kaiming-normal weight (fan_in, ReLU gain); bias U(+-1/sqrt(fan_in)) (PyTorch's default) for the stack's convs,
+    0.5 for the final projection. Model init (``_init_weights``) calls it on the Conv2d modules it visits."""
+    with torch.no_grad():
+        conv.reset_parameters()
+        nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+        if getattr(conv, "lte_projection", False):
+            nn.init.constant_(conv.bias, 0.5)
+
+
 class LTEConvolutionStack(nn.Module):
     """Dilated 1-D convolutions halving the channels at every layer, then a 1x1 projection to one logit per group.
 
@@ -128,6 +139,9 @@ class LTEConvolutionStack(nn.Module):
             for j, (k, d) in enumerate(zip(conv_size, conv_dilation))
         )
         self.proj = nn.Conv2d(G * channels[-1], G, kernel_size=1, groups=G)
+        for conv in self.convs:  # what ``init_router_conv`` reads (model init visits the Conv2d modules themselves)
+            conv.lte_projection = False
+        self.proj.lte_projection = True
         self.reset_parameters()
 
     @property
@@ -142,11 +156,10 @@ class LTEConvolutionStack(nn.Module):
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_in, ReLU gain) conv and projection weights; projection bias 0.5 (nearly every token
-        is kept at the start); conv biases keep PyTorch's default U(+-1/sqrt(fan_in)) (drawn by ``Conv2d``)."""
+        is kept at the start); conv biases PyTorch's default U(+-1/sqrt(fan_in)) (``init_router_conv``)."""
         for conv in self.convs:
-            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.constant_(self.proj.bias, 0.5)
+            init_router_conv(conv)
+        init_router_conv(self.proj)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, num_groups={self.num_groups}, conv_size={self.conv_size}, "

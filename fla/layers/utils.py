@@ -113,3 +113,17 @@ def pad_input(hidden_states: torch.Tensor, indices: torch.LongTensor, batch_size
         raise ValueError(f"hidden_states holds {hidden_states.shape[0]} tokens but indices {indices.numel()}")
     out = index_put_first_axis(hidden_states, indices, batch_size * seq_len)
     return out.reshape((batch_size, seq_len) + tuple(hidden_states.shape[1:]))
+
+
+def left_aligned_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, width] bool: row n is True in its last lens[n] columns."""
+    cols = torch.arange(width, device=lens.device)
+    return cols[None, :] >= (width - lens)[:, None]
+
+
+def left_align(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter packed tokens [total, ...] (row after row, in order) into [N, W, ...] where ``mask`` [N, W] is True;
+    zeros elsewhere."""
+    out = packed.new_zeros(tuple(mask.shape) + tuple(packed.shape[1:]))
+    out[mask] = packed
+    return out

@@ -5,6 +5,12 @@ Shared pieces: ``fla.models.utils`` (the ``Cache`` of every family, ``FLAGenerat
 """
 
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
+from fla.models.hybrid_gated_deltanet import (
+    HybridGatedDeltaNetConfig,
+    HybridGatedDeltaNetForCausalLM,
+    HybridGatedDeltaNetModel,
+)
+from fla.models.nsa import NSAConfig, NSAForCausalLM, NSAModel
 from fla.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 from fla.models.utils import Cache, FLAGenerationMixin
 
@@ -14,6 +20,12 @@ __all__ = [
     "GatedDeltaNetConfig",
     "GatedDeltaNetForCausalLM",
     "GatedDeltaNetModel",
+    "HybridGatedDeltaNetConfig",
+    "HybridGatedDeltaNetForCausalLM",
+    "HybridGatedDeltaNetModel",
+    "NSAConfig",
+    "NSAForCausalLM",
+    "NSAModel",
     "TransformerConfig",
     "TransformerForCausalLM",
     "TransformerModel",

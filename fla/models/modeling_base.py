@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
@@ -33,6 +34,21 @@ from fla.models.utils import Cache, FLAGenerationMixin
 from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss, GatedMLP, RMSNorm
 
 PRENORM_RESIDUAL_STRATEGIES = (None, "rescale", "zero")
+
+
+@dataclass
+class FLAModelOutput(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``routing_stats``: what the mixers returned besides their output (LTE layers:
+    one ``fla.layers.lte_router.RoutingStats`` each, for the L1 regulariser), in layer order; None when none did."""
+
+    routing_stats: Optional[List[Any]] = None
+
+
+@dataclass
+class FLACausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``routing_stats`` (see ``FLAModelOutput``)."""
+
+    routing_stats: Optional[List[Any]] = None
 
 
 def build_norm(config, hidden_size: Optional[int] = None) -> nn.Module:
@@ -256,10 +272,11 @@ class FLAModel(FLAPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states: Optional[List[torch.Tensor]] = [] if output_hidden_states else None
+        routing_stats: List[Any] = []
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states, _, past_key_values = layer(
+            hidden_states, aux, past_key_values = layer(
                 hidden_states,
                 attention_mask=attention_mask,
                 past_key_values=past_key_values,
@@ -267,6 +284,8 @@ class FLAModel(FLAPreTrainedModel):
                 output_attentions=output_attentions,
                 **kwargs,
             )
+            if aux is not None:
+                routing_stats.append(aux)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
@@ -275,8 +294,8 @@ class FLAModel(FLAPreTrainedModel):
         hidden = tuple(all_hidden_states) if all_hidden_states is not None else None
         if not return_dict:
             return tuple(x for x in (hidden_states, past, hidden) if x is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past,
-                                       hidden_states=hidden, attentions=None)
+        return FLAModelOutput(last_hidden_state=hidden_states, past_key_values=past, hidden_states=hidden,
+                              attentions=None, routing_stats=routing_stats or None)
 
 
 class FLAForCausalLM(FLAPreTrainedModel, FLAGenerationMixin):
@@ -389,8 +408,9 @@ class FLAForCausalLM(FLAPreTrainedModel, FLAGenerationMixin):
         if not return_dict:
             out = tuple(x for x in (logits, outputs.past_key_values, outputs.hidden_states) if x is not None)
             return ((loss,) + out) if loss is not None else out
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=None)
+        return FLACausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=None,
+                                 routing_stats=outputs.routing_stats)
 
 
 class _L2Warp(torch.autograd.Function):
