@@ -4,7 +4,7 @@ Two implementations of the same function (``fla.ops.attn.naive.naive_attn`` is t
 
 - torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): ``F.scaled_dot_product_attention``, with ``is_causal=True`` for full
   attention and an explicit boolean [T, T] mask for a window; packed sequences run one SDPA call each (up to 16
-  sequences) or one call with a block-diagonal mask over ``cu_seqlens``; GQA through ``enable_gqa``; autograd by
+  sequences); GQA through ``enable_gqa``; autograd by
   torch.
 - Triton path (``fla.ops.attn.parallel_kernels``): flash-attention forward + backward kernels, the
   default on CUDA (their tests pass on an H200 with Triton 3.6).
@@ -72,32 +72,18 @@ def _sdpa(q, k, v, scale: float, window_size: Optional[int], mask: Optional[torc
     return o.transpose(1, 2)
 
 
-# above this many packed sequences the torch path uses one block-diagonal mask instead of a loop over sequences
-_MAX_LOOPED_SEQUENCES = 16
-
-
 def parallel_attn_torch(q, k, v, scale: float, window_size: Optional[int] = None,
                         cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Torch path: SDPA with the causal / window / block-diagonal mask. Differentiable; o in q.dtype.
+    """Torch path: SDPA with the causal / window mask. Differentiable; o in q.dtype.
 
-    Packed sequences: a loop of per-sequence SDPA calls (cost sum of L^2) when there are at most 16 of them, else
-    one call with a block-diagonal [T, T] mask."""
+    Packed sequences run one SDPA call each (memory of the largest L^2, never of the packed total: a block-diagonal
+    mask over 32 packed 4K sequences would need 16 GiB)."""
     if cu_seqlens is None:
         return _sdpa(q, k, v, scale, window_size).contiguous()
-    T = q.shape[1]
     bounds = cu_seqlens.tolist()
-    if len(bounds) - 1 <= _MAX_LOOPED_SEQUENCES:
-        pieces = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, window_size)
-                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        return torch.cat(pieces, 1) if pieces else q.new_zeros(*q.shape[:3], v.shape[-1])
-    idx = torch.arange(T, device=q.device)
-    mask = idx[None, :] <= idx[:, None]
-    if window_size is not None and window_size < T:
-        mask = mask & (idx[:, None] - idx[None, :] < window_size)
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens, output_size=T)
-    mask = mask & (seq[:, None] == seq[None, :])
-    return _sdpa(q, k, v, scale, window_size, mask).contiguous()
+    pieces = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, window_size)
+              for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(pieces, 1) if pieces else q.new_zeros(*q.shape[:3], v.shape[-1])
 
 
 class ParallelAttnFunction(torch.autograd.Function):

@@ -26,17 +26,26 @@ from fla.ops.lte.selection import select_tokens
 from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_tensor, use_triton
 
 
+def _lte_sdpa(q, k, v, score, selected, window_size: int, scale: float) -> torch.Tensor:
+    """One batch of whole sequences [B, T, H*, D] through SDPA with the dense [B, H, T, T] visibility mask."""
+    G = q.shape[2] // k.shape[2]
+    visible = lte_visible_mask(selected, window_size).repeat_interleave(G, dim=1)
+    v = straight_through_gate(v, score)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(G, dim=1),
+                                       v.transpose(1, 2).repeat_interleave(G, dim=1), attn_mask=visible, scale=scale)
+    return o.transpose(1, 2)
+
+
 def parallel_lte_attn_torch(q, k, v, score, selected, window_size: int, scale: float,
                             cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Torch path: SDPA over the dense visibility mask; differentiable in q, k, v and score. o in q.dtype."""
-    HQ, H = q.shape[2], k.shape[2]
-    visible = lte_visible_mask(selected, window_size, cu_seqlens)  # [B, H, T, T]
-    visible = visible.repeat_interleave(HQ // H, dim=1)
-    v = straight_through_gate(v, score)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(HQ // H, dim=1),
-                                       v.transpose(1, 2).repeat_interleave(HQ // H, dim=1),
-                                       attn_mask=visible, scale=scale)
-    return o.transpose(1, 2).contiguous()
+    """Torch path: SDPA over the dense visibility mask, one call per packed sequence (memory of the largest
+    L^2, never of the packed total); differentiable in q, k, v and score. o in q.dtype."""
+    if cu_seqlens is None:
+        return _lte_sdpa(q, k, v, score, selected, window_size, scale).contiguous()
+    bounds = cu_seqlens.tolist()
+    pieces = [_lte_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], score[:, s:e], selected[:, s:e], window_size, scale)
+              for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(pieces, 1) if pieces else q.new_zeros(*q.shape[:3], v.shape[-1])
 
 
 def _check_inputs(q, k, v, score, selected, window_size, sink_size, scale, cu_seqlens) -> None:
