@@ -25,9 +25,10 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 if [ $# -eq 0 ]; then
-  # Embedded default (no laLTE config exists yet: a tiny hybrid GatedDeltaNet + sliding-window attention model)
-  set -- --job.dump_folder exp/tiny-gdn-swa \
-    --model.config configs/tiny_gdn_swa.json --model.tokenizer_path assets/tokenizer \
+  # Embedded default: a tiny laLTE (Gated DeltaNet + LTE attention, window 32, buffer 16 of 128 tokens) on the
+  # shipped corpus and tokenizer; the L1 controller steers each head towards 16 kept tokens per sequence
+  set -- --job.dump_folder exp/tiny-gdn-lte \
+    --model.config configs/tiny_gdn_lte.json --model.tokenizer_path assets/tokenizer \
     --training.dataset assets/corpus --training.dataset_split train \
     --training.batch_size 8 --training.seq_len 128 --training.context_len 128 \
     --training.gradient_accumulation_steps 1 --training.steps 500 --training.max_norm 1.0 --training.skip_nan_inf \

@@ -94,6 +94,14 @@ class MetricsLogger:
         self.last_t = now
         self.tokens_since = 0
 
+    def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+        """Write numeric ``values`` to TensorBoard only (e.g. the LTE controller's per-layer / per-head metrics,
+        too many for the console line)."""
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(prefix + k, v, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -236,6 +236,20 @@ def _warn_unsupported(cfg: JobConfig, rank: int) -> None:
         _log(f"warning: ignored: {n}", rank)
 
 
+# the LTE metrics shown on the console line (all of them go to TensorBoard)
+LTE_CONSOLE_METRICS = ("lte/overall_sparsity", "lte/l1_loss", "lte/overall_l1_lambda")
+
+
+def _lte_controller(model, config, cfg: JobConfig):
+    """The L1 sparsity controller (``fla.models.lte_controller``) of a model with LTE layers, else None."""
+    attn = getattr(config, "attn", None)
+    if not attn or attn.get("attn_type") != "lte":
+        return None
+    from fla.models.lte_controller import LTESparsityController
+
+    return LTESparsityController(model, attn, cfg.training.seq_len)
+
+
 def train(cfg: JobConfig) -> dict:
     """Run the job; returns ``{"losses": {step: loss}, "step": last step}`` (rank 0's view)."""
     from transformers import AutoTokenizer
@@ -308,6 +322,9 @@ def train(cfg: JobConfig) -> dict:
             tokens_seen = int(state.get("tokens", 0))
             _log(f"resumed from {ck_root}/step-{load} (step {step})", rank)
 
+    controller = _lte_controller(model, config, cfg)
+    if controller is not None:  # after the checkpoint load: lambda and num_kept come from it on resume
+        controller.initialize(step)
     accum = cfg.training.gradient_accumulation_steps
     total = cfg.training.steps
     tb_dir = os.path.join(dump, cfg.metrics.save_tb_folder) if cfg.metrics.enable_tensorboard else None
@@ -328,6 +345,8 @@ def train(cfg: JobConfig) -> dict:
     while step < total:
         step += 1
         optimizer.zero_grad(set_to_none=True)
+        if controller is not None:
+            controller.prepare_step(step)
         loss_sum = torch.zeros((), device=device)
         n_tok = 0
         for micro in range(accum):
@@ -338,10 +357,14 @@ def train(cfg: JobConfig) -> dict:
             with autocast:
                 out = model(input_ids=batch["input_ids"], labels=batch["labels"],
                             cu_seqlens=batch.get("cu_seqlens"))
-            loss = out.loss.float() / accum
-            loss.backward()
-            loss_sum += loss.detach()
+            loss = out.loss.float()
+            loss_sum += loss.detach() / accum  # the LM loss is what is logged; the L1 term is an LTE metric
+            if controller is not None:
+                loss = loss + controller.loss(out.routing_stats)
+            (loss / accum).backward()
             n_tok += batch["input_ids"].numel()
+        if controller is not None:  # the lambda update, before clipping (as the reference)
+            controller.update(step, batch["input_ids"].shape[1])
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_norm, foreach=True)
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
@@ -364,7 +387,9 @@ def train(cfg: JobConfig) -> dict:
         loss_val = float(loss_sum)
         losses[step] = loss_val
         if step % cfg.metrics.log_freq == 0 or step == total or step == 1:
-            logger.log(step, loss_val, lr, gnorm)
+            extra = controller.metrics(step) if controller is not None else {}
+            logger.log(step, loss_val, lr, gnorm, {k: round(v, 6) for k, v in extra.items() if k in LTE_CONSOLE_METRICS})
+            logger.scalars(step, extra)
         if cfg.checkpoint.enable_checkpoint and (step % cfg.checkpoint.interval == 0 or step == total):
             path = ckpt.checkpoint_dir(dump, cfg.checkpoint.folder, step)
             weights_only = step == total and cfg.checkpoint.model_weights_only

@@ -212,3 +212,46 @@ def test_skip_nan_inf_skips_updates(model_config, tmp_path, capsys, monkeypatch)
     assert main(flags(model_config, tmp_path / "nan", 2, training__skip_nan_inf="true")) == 0
     out = capsys.readouterr().out
     assert "update skipped (2 so far)" in out and not stepped
+
+
+TINY_LTE = dict(TINY, model_type="hybrid_gated_deltanet", attn={
+    "layers": [1], "attn_type": "lte", "num_heads": 2, "num_kv_heads": 2, "qkv_bias": False, "window_size": 6,
+    "rope_theta": 10000.0, "conv_size": [3, 3], "conv_dilation": [1, 2], "dropout_prob": 0.0, "buffer_size": 2,
+    "sink_size": 1, "routing_method": "sigmoid", "routing_grad": True, "routing_shared": "head",
+    "l1_lambda_shared": "head", "l1_warmup_steps": 0, "routing_freeze_steps": 0, "l1_lambda_initial_steps": 0,
+    "l1_lambda_update_steps": 2, "l1_lambda_tolerate": [0.95, 1.0], "l1_alpha": 1.5, "l1_alpha_neg": 2,
+    "l1_lambda_init": 1e-3, "l1_lambda_min": 1e-9, "l1_lambda_max": 1.0})
+
+
+def test_lte_controller_runs_in_the_loop_and_resumes(tmp_path, capsys):
+    """laLTE: the L1 term is added, lambda rises on over-budget heads (the router starts keeping everything: 32
+    kept of a budget of 2), the controller buffers are checkpointed and a resumed run continues them exactly."""
+    cfg = tmp_path / "lte.json"
+    cfg.write_text(json.dumps(TINY_LTE))
+    common = dict(checkpoint__enable_checkpoint="true", checkpoint__interval=3, checkpoint__keep_latest_k=0)
+    ref = tmp_path / "ref"
+    assert main(flags(str(cfg), ref, 6, **common)) == 0
+    out = capsys.readouterr().out
+    assert "lte/overall_sparsity" in out and "lte/l1_loss" in out
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name in os.listdir(ref / "hf"):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(str(ref / "hf" / name)))
+    lam = weights["model.l1_lambda"]
+    assert lam.shape == (1, 2) and (lam > 0).all()  # the first update set lambda_init, later ones raised it
+    assert (weights["model.num_kept"] > 2).all()
+    import shutil
+
+    resumed = tmp_path / "resumed"  # a copy of the job as it stood at the step-3 checkpoint, then resumed
+    shutil.copytree(ref / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
+    assert main(flags(str(cfg), resumed, 6, checkpoint__load_step=-1, **common)) == 0
+    want, got = losses(ref), losses(resumed)
+    for s in (4, 5, 6):
+        assert abs(got[s] - want[s]) < 1e-6, (s, got[s], want[s])
+    again = {}
+    for name in os.listdir(resumed / "hf"):
+        if name.endswith(".safetensors"):
+            again.update(load_file(str(resumed / "hf" / name)))
+    assert torch.equal(again["model.l1_lambda"], lam) and torch.equal(again["model.num_kept"], weights["model.num_kept"])
