@@ -240,6 +240,16 @@ def test_lte_controller_runs_in_the_loop_and_resumes(tmp_path, capsys):
         if name.endswith(".safetensors"):
             weights.update(load_file(str(ref / "hf" / name)))
     lam = weights["model.l1_lambda"]
+    # the conversion command turns the last DCP checkpoint into the same HF folder as the end-of-run export
+    from fla.train.convert import main as convert_main
+
+    assert convert_main(["--checkpoint", str(ref / "checkpoint" / "step-6"), "--output", str(tmp_path / "conv")]) == 0
+    converted = {}
+    for name in os.listdir(tmp_path / "conv"):
+        if name.endswith(".safetensors"):
+            converted.update(load_file(str(tmp_path / "conv" / name)))
+    assert converted.keys() == weights.keys() and all(torch.equal(converted[k], weights[k]) for k in weights)
+    assert convert_main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert lam.shape == (1, 2) and (lam > 0).all()  # the first update set lambda_init, later ones raised it
     assert (weights["model.num_kept"] > 2).all()
     import shutil
