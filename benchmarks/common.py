@@ -95,3 +95,26 @@ def write_json(path: str, payload) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def parse_names(parser, text: str, allowed, what: str) -> List[str]:
+    """A comma list from the command line, each name one of ``allowed`` (else a usage error naming ``what``)."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {list(allowed)}")
+    return names
+
+
+def pick_device(parser, requested: Optional[str], quick: bool) -> str:
+    """--device, defaulting to CUDA when available (the CPU for --quick runs); a usage error if CUDA is asked for
+    but missing."""
+    device = requested or ("cpu" if quick or not torch.cuda.is_available() else "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but CUDA is not available")
+    return device
+
+
+def default_out(kind: str, quick: bool) -> str:
+    """benchmarks/results/<kind> (benchmarks/results/quick/<kind> for --quick smoke runs)."""
+    return os.path.join("benchmarks", "results", "quick" if quick else "", kind)

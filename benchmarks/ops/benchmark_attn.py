@@ -14,6 +14,9 @@ Decoding (bf16, B = 8, HQ = 16, H = 16 and HQ = 32, H = 8, D = 64): ``attn_decod
 
 Prints tables with ours/other ratios (below 1: ours is faster) and writes OUT/attn.{txt,json}
 (default OUT: benchmarks/results). Nothing here asserts a speed.
+
+``bench_prefill`` / ``bench_decode`` also take ``device="cpu"`` (float32, our torch path, a wall-clock ``timer``)
+for the CPU smoke run of ``python -m benchmarks.ops --quick``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ DECODE_CACHES = [4096, 16384, 65536]
 DECODE_HEADS = [(16, 16, 64), (32, 8, 64)]
 
 
-def _flex_fn(B, T, HQ, H, window):
+def _ours_backend(device: str) -> str:
+    # our Triton kernels on CUDA (some are opt-in until validated on the GPU), our torch path elsewhere
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def _dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _flex_fn(B, T, HQ, H, window, device="cuda"):
     """A compiled FlexAttention call with its block mask built once; None when unavailable."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -46,7 +58,7 @@ def _flex_fn(B, T, HQ, H, window):
             return causal
         return causal & (q_idx - kv_idx < window)
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v):  # [B, T, H, D] in, [B, T, HQ, D] out
@@ -63,14 +75,15 @@ def _sdpa(q, k, v, HQ, H):
     return o.transpose(1, 2)
 
 
-def _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex):
+def _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex, device="cuda", timer=bench_ms):
     from fla.ops.attn import parallel_attn
 
     torch.manual_seed(0)
-    q = torch.randn(B, T, HQ, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(B, T, HQ, D, device="cuda", dtype=torch.bfloat16)
+    dt = _dtype(device)
+    q = torch.randn(B, T, HQ, D, device=device, dtype=dt, requires_grad=True)
+    k = torch.randn(B, T, H, D, device=device, dtype=dt, requires_grad=True)
+    v = torch.randn(B, T, H, D, device=device, dtype=dt, requires_grad=True)
+    do = torch.randn(B, T, HQ, D, device=device, dtype=dt)
     leaves = [q, k, v]
     rows = []
     for window in windows:
@@ -78,7 +91,7 @@ def _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex):
         if window is None:
             impls["sdpa"] = lambda: _sdpa(q, k, v, HQ, H)
         if use_flex:
-            flex = _flex_fn(B, T, HQ, H, window)
+            flex = _flex_fn(B, T, HQ, H, window, device)
             if flex is not None:
                 impls["flex"] = lambda flex=flex: flex(q, k, v)
         for mode in ("fwd", "fwdbwd"):
@@ -86,8 +99,8 @@ def _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex):
             for name, fn in impls.items():
                 call = fn if mode == "fwd" else (lambda fn=fn: fn().backward(do))
                 try:
-                    with backend("triton"):
-                        row[name] = bench_ms(call, grad_to_none=leaves)
+                    with backend(_ours_backend(device)):
+                        row[name] = timer(call, grad_to_none=leaves)
                 except Exception as e:  # a failing baseline should not hide the others
                     row[name] = None
                     row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -99,39 +112,42 @@ def _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex):
     return rows
 
 
-def bench_prefill(shapes, windows, use_flex=True):
+def bench_prefill(shapes, windows, use_flex=True, device="cuda", timer=bench_ms):
     rows = []
     for B, T, HQ, H, D in shapes:
-        rows += _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex)
-        torch.cuda.empty_cache()
+        rows += _bench_prefill_shape(B, T, HQ, H, D, windows, use_flex, device, timer)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 
-def _bench_decode_shape(B, S, HQ, H, D):
+def _bench_decode_shape(B, S, HQ, H, D, device="cuda", timer=bench_ms):
     from fla.ops.attn import attn_decoding_one_step
 
     torch.manual_seed(0)
-    q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    dt = _dtype(device)
+    q = torch.randn(B, 1, HQ, D, device=device, dtype=dt)
+    k = torch.randn(B, S, H, D, device=device, dtype=dt)
+    v = torch.randn(B, S, H, D, device=device, dtype=dt)
     row = {"shape": f"B{B}-S{S}-HQ{HQ}-H{H}-D{D}"}
-    with backend("triton"):
-        row["ours"] = bench_ms(lambda: attn_decoding_one_step(q, k, v))
-        row["ours_w1024"] = bench_ms(lambda: attn_decoding_one_step(q, k, v, window_size=1024))
+    with backend(_ours_backend(device)):
+        row["ours"] = timer(lambda: attn_decoding_one_step(q, k, v))
+        row["ours_w1024"] = timer(lambda: attn_decoding_one_step(q, k, v, window_size=1024))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    row["sdpa"] = bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H))
+    row["sdpa"] = timer(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H))
     row["ours/sdpa"] = row["ours"] / row["sdpa"]
-    row["ours_GB/s"] = 2 * B * S * H * D * 2 / row["ours"] / 1e6  # k and v read once, bf16
+    row["ours_GB/s"] = 2 * B * S * H * D * dt.itemsize / row["ours"] / 1e6  # k and v read once
     print(row, flush=True)
     return row
 
 
-def bench_decode(caches, heads, B=8):
+def bench_decode(caches, heads, B=8, device="cuda", timer=bench_ms):
     rows = []
     for HQ, H, D in heads:
         for S in caches:
-            rows.append(_bench_decode_shape(B, S, HQ, H, D))
-            torch.cuda.empty_cache()
+            rows.append(_bench_decode_shape(B, S, HQ, H, D, device, timer))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -12,6 +12,9 @@ Decode step, bf16, B8 HQ16 H16 D64: ``lte_cache_step`` + ``lte_decoding_one_step
 4K / 16K / 64K cached keys.
 
 Prints tables with ratios and writes OUT/lte.{txt,json} (default OUT: benchmarks/results). Asserts no speed.
+
+``prefill_rows`` / ``decode_rows`` also take ``device="cpu"`` (float32, our torch paths, a wall-clock ``timer``,
+small ``decode_shape``) for the CPU smoke run of ``python -m benchmarks.ops --quick``.
 """
 
 from __future__ import annotations
@@ -47,30 +50,43 @@ def _flex_step(q, k, v, selected, window):
     return run
 
 
-def prefill_rows(shapes, use_flex: bool, rep_ms: int):
+def _ours_backend(device: str) -> str:
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def prefill_rows(shapes, use_flex: bool, rep_ms: int, device="cuda", timer=bench_ms):
+    """Training attention fwd / fwd+bwd rows: ``lte_attn_triton`` on CUDA, the torch path of ``parallel_lte_attn``
+    elsewhere."""
     from fla.ops.attn import parallel_attn
-    from fla.ops.lte.parallel_kernels import lte_attn_triton
+    from fla.ops.lte import parallel_lte_attn
+
+    if torch.device(device).type == "cuda":
+        from fla.ops.lte.parallel_kernels import lte_attn_triton
+    else:
+        def lte_attn_triton(q, k, v, score, selected, window_size, scale):
+            return parallel_lte_attn(q, k, v, score, window_size, scale=scale, selected=selected)
 
     rows = []
     for B, T, HQ, H, D in shapes:
-        dev = "cuda"
-        q = torch.randn(B, T, HQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        dev = device
+        dt = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
+        q = torch.randn(B, T, HQ, D, device=dev, dtype=dt, requires_grad=True)
+        k = torch.randn(B, T, H, D, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(B, T, H, D, device=dev, dtype=dt, requires_grad=True)
         score = (torch.rand(B, T, H, device=dev) - (1 - FRACTION)).requires_grad_(True)
         selected = score.detach() > 0
-        do = torch.randn(B, T, HQ, D, device=dev, dtype=torch.bfloat16)
+        do = torch.randn(B, T, HQ, D, device=dev, dtype=dt)
         leaves = [q, k, v, score]
         fns = {"ours": lambda: lte_attn_triton(q, k, v, score, selected, WINDOW, D ** -0.5),
                "swa": lambda: parallel_attn(q, k, v, window_size=WINDOW + 1)}
         if use_flex:
             fns["flex"] = _flex_step(q, k, v, selected, WINDOW)
         times = {}
-        with backend("triton"):
+        with backend(_ours_backend(dev)):
             for name, fn in fns.items():
                 try:
-                    times[name, "fwd"] = bench_ms(lambda: fn(), rep_ms=rep_ms)
-                    times[name, "fwdbwd"] = bench_ms(lambda: fn().backward(do.transpose(1, 2) if name == "flex"
+                    times[name, "fwd"] = timer(lambda: fn(), rep_ms=rep_ms)
+                    times[name, "fwdbwd"] = timer(lambda: fn().backward(do.transpose(1, 2) if name == "flex"
                                                                              else do), rep_ms=rep_ms,
                                                      grad_to_none=leaves)
                 except Exception as e:  # report, keep going
@@ -87,13 +103,15 @@ def prefill_rows(shapes, use_flex: bool, rep_ms: int):
     return rows
 
 
-def decode_rows(contexts, rep_ms: int):
+def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_shape=(8, 16, 16, 64, 512)):
+    """Decode-step rows; ``decode_shape`` = (B, HQ, H, D, buffer_size)."""
     from fla.ops.attn import attn_decoding_one_step
     from fla.ops.lte.cache import lte_cache_step, lte_empty_cache
     from fla.ops.lte.decoding import lte_decoding_one_step
 
-    B, HQ, H, D, buffer_size = 8, 16, 16, 64, 512
-    dev, dt = "cuda", torch.bfloat16
+    B, HQ, H, D, buffer_size = decode_shape
+    dev = device
+    dt = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
     kc, vc, sc, sk, va = lte_empty_cache(B, WINDOW, buffer_size, H, D, D, dtype=dt, device=dev)
     kc.normal_(); vc.normal_(); sc.uniform_(-0.5, 0.5); va.fill_(True)
     q = torch.randn(B, 1, HQ, D, device=dev, dtype=dt)
@@ -107,12 +125,12 @@ def decode_rows(contexts, rep_ms: int):
         return lte_decoding_one_step(q, kc, vc, va)
 
     rows = []
-    with backend("triton"):
-        lte_ms = bench_ms(lte_step, rep_ms=rep_ms)
+    with backend(_ours_backend(dev)):
+        lte_ms = timer(lte_step, rep_ms=rep_ms)
         for S in contexts:
             k = torch.randn(B, S, H, D, device=dev, dtype=dt)
             v = torch.randn(B, S, H, D, device=dev, dtype=dt)
-            full_ms = bench_ms(lambda: attn_decoding_one_step(q, k, v), rep_ms=rep_ms)
+            full_ms = timer(lambda: attn_decoding_one_step(q, k, v), rep_ms=rep_ms)
             rows.append({"context": S, "lte_step_us": round(lte_ms * 1e3, 1), "full_attn_us": round(full_ms * 1e3, 1),
                          "lte/full": round(lte_ms / full_ms, 2)})
             print(rows[-1], flush=True)

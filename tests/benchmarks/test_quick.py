@@ -1,0 +1,33 @@
+"""Smoke test of the benchmark entry points: each ``--quick`` run exits 0 and writes its files (no timing asserted)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+CASES = {
+    "ops": ["ops.txt", "ops.json"],
+    "generation": ["generation.csv", "generation.json", "latency.png", "memory.png", "decode.png"],
+    "training": ["training.csv", "training.json", "training.txt"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_quick_entry_point(name, tmp_path):
+    env = dict(os.environ)
+    # the suite's conftest turns the Triton interpreter on; the quick runs time the torch paths, as a CPU user would
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("FLA_BACKEND", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["MPLBACKEND"] = "Agg"
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{log}"
+    for filename in CASES[name]:
+        path = out / filename
+        assert path.is_file() and path.stat().st_size > 0, f"{name} --quick did not write {filename}"
