@@ -281,10 +281,12 @@ class LTEAttention(nn.Module):
         W1, m = self.window_size + 1, self.router.margin
         q, k, v = self._project(x)
         pos, n_real = state["pos"], state["real"]
-        # router inputs of the last 2m + 1 tokens; score the token m back, whose context is now complete
-        state["router_k"] = torch.cat([state["router_k"][:, 1:], k.detach().to(state["router_k"].dtype)], 1)
-        state["router_v"] = torch.cat([state["router_v"][:, 1:], v.detach().to(state["router_v"].dtype)], 1)
-        state["router_valid"] = torch.cat([state["router_valid"][:, 1:], real[:, None]], 1)
+        # router inputs of the last 2m + 1 tokens, shifted in place (every state tensor keeps its storage from step
+        # to step, as CUDA-graph replay needs); then score the token m back, whose context is now complete
+        for name, new in (("router_k", k.detach()[:, 0]), ("router_v", v.detach()[:, 0]), ("router_valid", real)):
+            buf = state[name]
+            buf[:, :-1] = buf[:, 1:].clone()
+            buf[:, -1] = new.to(buf.dtype)
         center = self.router(state["router_k"], state["router_v"], mask=state["router_valid"])[:, m]  # [B, H]
         rows = torch.arange(B, device=x.device)
         target = (pos - m).remainder(W1)
@@ -299,6 +301,6 @@ class LTEAttention(nn.Module):
                        real & (n_real < self.sink_size), self.window_size)
         o = lte_decoding_one_step(q_rot.to(k_cache.dtype), k_cache, state["v_cache"], state["valid"])
         o = torch.where(real[:, None, None, None], o, torch.zeros_like(o)).to(x.dtype)
-        state["pos"] = pos + 1
-        state["real"] = n_real + real.long()
+        pos.add_(1)
+        n_real.add_(real.long())
         return self.o_proj(o.flatten(-2))

@@ -138,3 +138,18 @@ def test_bad_arguments():
         make_layer(buffer_size=-1)
     with pytest.raises(ValueError, match="num_kv_heads"):
         LTEAttention(hidden_size=32, num_heads=4, num_kv_heads=3)
+
+
+def test_decode_state_keeps_its_storage(device):
+    """Every tensor of the layer's decode state is updated in place (what CUDA-graph replay of a step needs)."""
+    layer = make_layer(device=device).eval()
+    x = torch.randn(2, 30, 32, device=device)
+    cache = Cache()
+    with torch.no_grad():
+        layer(x[:, :9], past_key_values=cache, use_cache=True)
+        layer(x[:, 9:10], past_key_values=cache, use_cache=True)
+        ptrs = {name: t.data_ptr() for name, t in cache[0]["lte_state"].items()}
+        for t in range(10, 30):
+            layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+    assert {name: t.data_ptr() for name, t in cache[0]["lte_state"].items()} == ptrs
+    assert int(cache[0]["lte_state"]["pos"][0]) == 30
