@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["MetricsLogger", "format_eta", "peak_memory_gib"]
+__all__ = ["MetricsLogger", "format_eta", "peak_memory_gib", "start_wandb"]
 
 
 def format_eta(seconds: float) -> str:
@@ -39,12 +39,29 @@ def peak_memory_gib(device: torch.device) -> float:
         return float("nan")
 
 
+def start_wandb(dump_folder: str, config: dict, rank: int = 0):
+    """A Weights & Biases run (rank 0) when ``wandb`` is installed, else None with a printed note. The run is named
+    after the dump folder and resumes with it; with ``HF_HUB_OFFLINE=1`` and no ``WANDB_MODE`` it logs offline."""
+    if rank != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("[fla.train] --metrics.enable_wandb: wandb is not installed; metrics go to the console only", flush=True)
+        return None
+    mode = os.environ.get("WANDB_MODE") or ("offline" if os.environ.get("HF_HUB_OFFLINE") == "1" else None)
+    name = os.path.basename(os.path.normpath(dump_folder))
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "fla"), name=name, id=os.environ.get("WANDB_RUN_ID"),
+                      dir=dump_folder, config=config, resume="allow", mode=mode)
+
+
 class MetricsLogger:
-    """Formats and prints the step lines (rank 0 only) and mirrors them to TensorBoard when asked and available."""
+    """Formats and prints the step lines (rank 0 only) and mirrors them to TensorBoard and Weights & Biases when
+    asked and available."""
 
     def __init__(self, total_steps: int, start_step: int, device: torch.device, rank: int = 0,
                  tb_dir: Optional[str] = None, stream=None, flops_per_token: Optional[float] = None,
-                 peak_flops: Optional[float] = None):
+                 peak_flops: Optional[float] = None, wandb_run=None):
         self.total = total_steps
         self.start_step = start_step
         self.device = device
@@ -56,6 +73,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.writer = None
+        self.wandb = wandb_run
         if tb_dir is not None and rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -86,22 +104,23 @@ class MetricsLogger:
         for k, v in extra.items():
             line += f" | {k} {v}"
         self.print(line)
-        if self.writer is not None:
-            for k, v in {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_second": tps,
-                         "memory_gib": mem, **extra}.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}", v, step)
+        self.scalars(step, {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_second": tps,
+                            "memory_gib": mem, **extra}, prefix="train/")
         self.last_t = now
         self.tokens_since = 0
 
     def scalars(self, step: int, values: dict, prefix: str = "") -> None:
-        """Write numeric ``values`` to TensorBoard only (e.g. the LTE controller's per-layer / per-head metrics,
-        too many for the console line)."""
+        """Write numeric ``values`` to TensorBoard / W&B only (e.g. the LTE controller's per-layer / per-head
+        metrics, too many for the console line)."""
+        numeric = {prefix + k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(prefix + k, v, step)
+            for k, v in numeric.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None and numeric:
+            self.wandb.log(numeric, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -224,8 +224,6 @@ def _warn_unsupported(cfg: JobConfig, rank: int) -> None:
     notes = []
     if cfg.profiling.enable_profiling:
         notes.append("profiling.enable_profiling (no traces are written)")
-    if cfg.metrics.enable_wandb:
-        notes.append("metrics.enable_wandb (W&B is not wired up)")
     if cfg.checkpoint.async_mode != "disabled":
         notes.append(f"checkpoint.async_mode={cfg.checkpoint.async_mode} (saving synchronously)")
     if cfg.checkpoint.interval_type != "steps":
@@ -256,7 +254,7 @@ def train(cfg: JobConfig) -> dict:
 
     from fla.train import checkpoint as ckpt
     from fla.train.data import build_dataloader
-    from fla.train.metrics import MetricsLogger
+    from fla.train.metrics import MetricsLogger, start_wandb
     from fla.train.optim import build_lr_scheduler, build_optimizer
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -332,7 +330,9 @@ def train(cfg: JobConfig) -> dict:
     n_embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     flops_per_token = 6 * (n_params - n_embed)
     peak = _peak_flops(device)
-    logger = MetricsLogger(total, step, device, rank, tb_dir, flops_per_token=flops_per_token,
+    wandb_run = start_wandb(dump, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), rank) \
+        if cfg.metrics.enable_wandb else None
+    logger = MetricsLogger(total, step, device, rank, tb_dir, wandb_run=wandb_run, flops_per_token=flops_per_token,
                            peak_flops=peak * world if peak else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and mesh is None and cfg.training.mixed_precision_param == "bfloat16"

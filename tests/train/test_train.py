@@ -265,3 +265,33 @@ def test_lte_controller_runs_in_the_loop_and_resumes(tmp_path, capsys):
         if name.endswith(".safetensors"):
             again.update(load_file(str(resumed / "hf" / name)))
     assert torch.equal(again["model.l1_lambda"], lam) and torch.equal(again["model.num_kept"], weights["model.num_kept"])
+
+
+def test_wandb_when_installed_and_asked_for(model_config, tmp_path, monkeypatch, capsys):
+    """--metrics.enable_wandb logs through wandb when it is importable (a stand-in module here) and only warns when
+    it is not."""
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, values, step=None):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert main(flags(model_config, tmp_path / "w", 2, metrics__enable_wandb="true")) == 0
+    assert len(calls["init"]) == 1 and calls["init"][0]["mode"] == "offline" and calls["init"][0]["name"] == "w"
+    assert calls["finish"] == 1 and [s for s, _ in calls["log"]] == [1, 2]
+    assert "train/loss" in calls["log"][0][1]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: the run goes on, with a note
+    assert main(flags(model_config, tmp_path / "x", 2, metrics__enable_wandb="true")) == 0
+    assert "wandb is not installed" in capsys.readouterr().out
