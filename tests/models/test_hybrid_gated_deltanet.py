@@ -171,6 +171,8 @@ def test_generate_greedy_with_left_padding(device):
     assert torch.equal(out[:, 6:], greedy_reference(model, ids, mask, 8))
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
     assert sampled.shape == (4, 10)
+    beams = model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=3, do_sample=False, pad_token_id=0)
+    assert beams.shape == (4, 9)  # the LTE cache state is reordered with the beams
 
 
 def test_save_pretrained_round_trip(device, tmp_path):
