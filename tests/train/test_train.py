@@ -295,3 +295,21 @@ def test_wandb_when_installed_and_asked_for(model_config, tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: the run goes on, with a note
     assert main(flags(model_config, tmp_path / "x", 2, metrics__enable_wandb="true")) == 0
     assert "wandb is not installed" in capsys.readouterr().out
+
+
+def test_torchrun_two_process_fsdp2_lte(tmp_path):
+    """laLTE under FSDP2 on 2 processes: the controller finds its buffers and routers through the sharded model,
+    its all-reduce of num_kept runs across the ranks, lambda rises and is exported."""
+    cfg = tmp_path / "lte.json"
+    cfg.write_text(json.dumps(TINY_LTE))
+    dump = tmp_path / "fsdp_lte"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fla.train.train"]
+    cmd += flags(str(cfg), dump, 4, training__data_parallel_shard_degree=2)
+    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "step 4/4 | loss" in out and "lte/overall_l1_lambda" in out
+    from safetensors.torch import load_file
+
+    weights = load_file(str(dump / "hf" / "model.safetensors"))
+    assert (weights["model.l1_lambda"] > 0).all() and torch.isfinite(weights["model.num_kept"]).all()
