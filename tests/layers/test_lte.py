@@ -153,3 +153,39 @@ def test_decode_state_keeps_its_storage(device):
             layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
     assert {name: t.data_ptr() for name, t in cache[0]["lte_state"].items()} == ptrs
     assert int(cache[0]["lte_state"]["pos"][0]) == 30
+
+
+def test_long_prompt_and_500_steps_retained_set_is_streaming_top_b(device):
+    """A 2,000-token prompt and a 1-token prompt (left-padded) followed by 500 decode steps: after every step the
+    buffer holds exactly the streaming top-b (sinks first) of the tokens that left the window, by full-forward
+    score, and the output equals dense attention over that set plus the window."""
+    w, b, s = 16, 8, 2
+    layer = make_layer(window_size=w, buffer_size=b, sink_size=s, device=device).eval()
+    P, steps = 2000, 500
+    x = torch.randn(2, P + steps, 32, device=device)
+    mask = torch.ones(2, P + steps, dtype=torch.long, device=device)
+    mask[1, : P - 1] = 0
+    cache = Cache()
+    with torch.no_grad():
+        layer(x[:, :P], attention_mask=mask[:, :P], past_key_values=cache, use_cache=True)
+        full = [x[r, : P + steps][mask[r].bool()] for r in range(2)]
+        q_all, k_all, v_all = zip(*(layer._project(f[None]) for f in full))
+        scores = [layer.router(k, v)[0] for k, v in zip(k_all, v_all)]  # full-forward scores of whole rows
+        for t in range(P, P + steps):
+            o, _, _ = layer(x[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+            state = cache[0]["lte_state"]
+            for r in range(2):
+                n = int(mask[r, : t + 1].sum()) - 1  # real index of the new token
+                # right context of every evicted token is inside the first n + 1 tokens: the whole-row score holds
+                score = scores[r]
+                for h in range(layer.num_kv_heads):
+                    cands = sorted(((float("inf") if j < s else float(score[j, h]), j) for j in range(n - w)
+                                    if j < s or score[j, h] > 0), reverse=True)[:b]
+                    want = sorted(j for _, j in cands)
+                    keys = state["k_cache"][r, w + 1:, h][state["valid"][r, w + 1:, h]]
+                    _, k_rot = layer.rotary(k_all[r][:, : n + 1], k_all[r][:, : n + 1], seqlen_offset=0)
+                    got = sorted(int((k_rot[0, :, h] - key).abs().sum(-1).argmin()) for key in keys)
+                    assert got == want, (t, r, h)
+                if t % 100 == 0 or t == P + steps - 1:
+                    ref = _reference_step(layer, full[r][: n + 1], n, s, b, w)
+                    assert_close(f"step {t} row {r}", o[r, 0], ref, 1e-4)
