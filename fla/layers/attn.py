@@ -34,10 +34,10 @@ import torch.nn as nn
 
 from fla.layers.utils import (
     check_mixer_inputs,
-    check_padding_mask,
     left_align,
     left_aligned_mask,
     pad_input,
+    padding_mask,
     unpad_input,
 )
 from fla.modules import RMSNorm, RotaryEmbedding
@@ -171,16 +171,7 @@ class Attention(nn.Module):
         batch_size, q_len, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
 
-        mask = None
-        if attention_mask is not None:
-            mask = check_padding_mask(attention_mask, batch_size, q_len)
-            if bool((mask != 0).all()):
-                mask = None
-            elif cu_seqlens is not None:
-                raise ValueError(
-                    "got both a padding attention_mask and cu_seqlens: pass one of them (cu_seqlens describes "
-                    "sequences packed into one row; a padding mask describes padded rows)"
-                )
+        mask = padding_mask(attention_mask, batch_size, q_len, cu_seqlens)
 
         cached = None
         if past_key_values is not None and len(past_key_values) > self.layer_idx:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fla.layers.utils import check_mixer_inputs, check_padding_mask, pad_input, unpad_input
+from fla.layers.utils import check_mixer_inputs, pad_input, padding_mask, unpad_input
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 from fla.utils import check_choice, check_positive_int
 
@@ -196,15 +196,9 @@ class GatedDeltaNet(nn.Module):
         cu_seqlens = kwargs.get("cu_seqlens")
 
         indices = None
-        if attention_mask is not None:
-            mask = check_padding_mask(attention_mask, batch_size, q_len)
-            if not bool(mask.all()):
-                if cu_seqlens is not None:
-                    raise ValueError(
-                        "got both a padding attention_mask and cu_seqlens: pass one of them (cu_seqlens describes "
-                        "sequences packed into one row; a padding mask describes padded rows)"
-                    )
-                hidden_states, indices, cu_seqlens, _ = unpad_input(hidden_states, mask)
+        mask = padding_mask(attention_mask, batch_size, q_len, cu_seqlens)
+        if mask is not None:
+            hidden_states, indices, cu_seqlens, _ = unpad_input(hidden_states, mask)
 
         last_state = None
         if past_key_values is not None and len(past_key_values) > self.layer_idx:

@@ -46,10 +46,10 @@ import torch.nn as nn
 from fla.layers.lte_router import LTEConvolutionStack, LTERouter, RoutingStats
 from fla.layers.utils import (
     check_mixer_inputs,
-    check_padding_mask,
     left_align,
     left_aligned_mask,
     pad_input,
+    padding_mask,
     unpad_input,
 )
 from fla.modules import RotaryEmbedding
@@ -171,13 +171,8 @@ class LTEAttention(nn.Module):
             warnings.warn("LTEAttention does not return attention weights; output_attentions is ignored", stacklevel=2)
         B, T, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
-        mask = None
-        if attention_mask is not None:
-            mask = check_padding_mask(attention_mask, B, T) != 0
-            if bool(mask.all()):
-                mask = None
-            elif cu_seqlens is not None:
-                raise ValueError("got both a padding attention_mask and cu_seqlens: pass one of them")
+        mask = padding_mask(attention_mask, B, T, cu_seqlens)
+        mask = None if mask is None else mask != 0
 
         state = None
         if past_key_values is not None and len(past_key_values) > self.layer_idx:

@@ -35,7 +35,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from fla.layers.utils import check_mixer_inputs, check_padding_mask, pad_input, unpad_input
+from fla.layers.utils import check_mixer_inputs, pad_input, padding_mask, unpad_input
 from fla.modules import RotaryEmbedding
 from fla.ops.utils.index import prepare_cu_seqlens_from_lens, prepare_lens, prepare_position_ids
 from fla.utils import check_positive_int
@@ -154,13 +154,7 @@ class NativeSparseAttention(nn.Module):
         batch_size, q_len, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
 
-        mask = None
-        if attention_mask is not None:
-            mask = check_padding_mask(attention_mask, batch_size, q_len)
-            if bool((mask != 0).all()):
-                mask = None
-            elif cu_seqlens is not None:
-                raise ValueError("got both a padding attention_mask and cu_seqlens: pass one of them")
+        mask = padding_mask(attention_mask, batch_size, q_len, cu_seqlens)
 
         cached = None
         if past_key_values is not None and len(past_key_values) > self.layer_idx:

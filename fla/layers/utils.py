@@ -11,7 +11,7 @@ when it has no real token, so recurrent states stay indexed by the batch row: st
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -52,6 +52,22 @@ def check_padding_mask(attention_mask: torch.Tensor, batch_size: int, seq_len: i
             f"of batch size {batch_size} and {seq_len} tokens"
         )
     return attention_mask[:, attention_mask.shape[1] - seq_len:]
+
+
+def padding_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int,
+                 cu_seqlens: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """What a token mixer does with its ``attention_mask``: the checked last ``seq_len`` columns
+    (``check_padding_mask``), or None when there is no mask or no padding. A padding mask together with
+    ``cu_seqlens`` is an error (the two describe different layouts)."""
+    if attention_mask is None:
+        return None
+    mask = check_padding_mask(attention_mask, batch_size, seq_len)
+    if bool((mask != 0).all()):
+        return None
+    if cu_seqlens is not None:
+        raise ValueError("got both a padding attention_mask and cu_seqlens: pass one of them (cu_seqlens describes "
+                         "sequences packed into one row; a padding mask describes padded rows)")
+    return mask
 
 
 def _check_zero_one(attention_mask: torch.Tensor) -> None:
