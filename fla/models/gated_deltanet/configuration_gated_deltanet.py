@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Optional
 
-from transformers import PretrainedConfig
+from fla.models.configuration_base import FLAConfig
 
 ATTN_MODES = ("chunk", "fused_recurrent")
 
@@ -37,7 +37,7 @@ def normalize_attn_config(attn: Optional[Dict[str, Any]]) -> Optional[Dict[str, 
     return attn
 
 
-class GatedDeltaNetConfig(PretrainedConfig):
+class GatedDeltaNetConfig(FLAConfig):
     """Configuration of ``GatedDeltaNetModel`` / ``GatedDeltaNetForCausalLM``.
 
     Mixer: ``attn_mode`` ('chunk' or 'fused_recurrent'), ``hidden_size``, ``expand_v`` (d_v / d_k), ``head_dim``
@@ -115,15 +115,4 @@ class GatedDeltaNetConfig(PretrainedConfig):
         self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
         self.use_l2warp = use_l2warp
         self.vocab_size = vocab_size
-        # set here as well as in the base class: transformers 5 keeps token ids and tying out of its base fields
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        self.init_base(pad_token_id, bos_token_id, eos_token_id, tie_word_embeddings, **kwargs)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from transformers import PretrainedConfig
+from fla.models.configuration_base import FLAConfig
 
 
-class NSAConfig(PretrainedConfig):
+class NSAConfig(FLAConfig):
     """Configuration of ``NSAModel`` / ``NSAForCausalLM``.
 
     Mixer: ``hidden_size``, ``num_heads``, ``num_kv_heads`` (must divide num_heads; any group size), ``head_dim``
@@ -85,15 +85,4 @@ class NSAConfig(PretrainedConfig):
         self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
         self.use_l2warp = use_l2warp
         self.vocab_size = vocab_size
-        # set here as well as in the base class: transformers 5 keeps token ids and tying out of its base fields
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        self.init_base(pad_token_id, bos_token_id, eos_token_id, tie_word_embeddings, **kwargs)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from transformers import PretrainedConfig
+from fla.models.configuration_base import FLAConfig
 
 
-class TransformerConfig(PretrainedConfig):
+class TransformerConfig(FLAConfig):
     """Configuration of ``TransformerModel`` / ``TransformerForCausalLM``.
 
     Mixer: ``hidden_size``, ``num_heads`` (head size = hidden_size // num_heads), ``num_kv_heads`` (None =
@@ -79,15 +79,4 @@ class TransformerConfig(PretrainedConfig):
         self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
         self.use_l2warp = use_l2warp
         self.vocab_size = vocab_size
-        # set here as well as in the base class: transformers 5 keeps token ids and tying out of its base fields
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        self.init_base(pad_token_id, bos_token_id, eos_token_id, tie_word_embeddings, **kwargs)
