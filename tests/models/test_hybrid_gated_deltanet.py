@@ -79,6 +79,9 @@ def test_meta_construction_then_post_init(device):
     with torch.device("meta"):
         model = HybridGatedDeltaNetForCausalLM(tiny_config())
     model = model.to_empty(device=device)
+    with torch.no_grad():  # what to_empty may leave: garbage, here made visible
+        for t in list(model.parameters()) + [model.model.l1_lambda, model.model.num_kept]:
+            t.fill_(float("nan"))
     for module in model.modules():
         module._is_hf_initialized = False
     with torch.no_grad():
