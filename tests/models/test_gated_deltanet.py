@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import fla  # noqa: F401  (registers the models)
-from fla.models import Cache, GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
+from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
 from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
 from fla.utils.testing import assert_close
-from tests.models.helpers import greedy_reference, left_padded_batch
+from tests.models.helpers import check_cached_decoding, check_padded_equals_packed, greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -297,40 +297,16 @@ def test_logits_to_keep(device):
 
 def test_padded_batch_equals_packed_batch(device):
     model = tiny_model(device).eval()
-    lens, T = [9, 4, 7], 9
-    ids, mask = left_padded_batch(lens, T, device, V)
+    ids, mask = left_padded_batch([9, 4, 7], 9, device, V)
     mask[2] = 0
     mask[2, :7] = 1  # right padding too
     ids = ids.masked_fill(mask == 0, 0)
-    padded = model(ids, attention_mask=mask).logits
-    packed_ids = ids[mask.bool()][None]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=device, dtype=torch.int32)
-    packed = model(packed_ids, cu_seqlens=cu).logits
-    assert_close("padded vs packed", padded[mask.bool()][None], packed, 1e-4)
-    for b in range(3):  # and each sequence alone
-        alone = model(ids[b, mask[b].bool()][None]).logits
-        assert_close(f"row {b}", padded[b, mask[b].bool()][None], alone, 1e-4)
+    check_padded_equals_packed(model, ids, mask, 1e-4)
 
 
 def test_cached_decoding_with_left_padding_matches_full_forward(device):
     model = tiny_model(device).eval()
-    T, prefill = 12, 4
-    # random left padding; one full row, one row whose prefill chunk is all padding
-    lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device, V)
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    cache = out.past_key_values
-    assert isinstance(cache, Cache) and cache.get_seq_length() == prefill
-    logits = [out.logits]
-    for t in range(prefill, T):
-        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-        assert out.past_key_values is cache
-        logits.append(out.logits)
-    logits = torch.cat(logits, 1)
-    assert all(cache.get_seq_length(i) == T for i in range(len(cache)))
-    for b, n in enumerate(lens):
-        ref = model(ids[b:b + 1, T - n:], use_cache=False).logits
-        assert_close(f"row {b}", logits[b:b + 1, T - n:], ref, 1e-4)
+    check_cached_decoding(model, 12, 4, device, V, 1e-4)
 
 
 def test_plain_forward_cache_continues(device):

@@ -16,7 +16,7 @@ from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from fla.models.gated_deltanet import GatedDeltaNetBlock
 from fla.modules import rotary_inv_freq
 from fla.utils.testing import assert_close
-from tests.models.helpers import greedy_reference, left_padded_batch
+from tests.models.helpers import check_cached_decoding, check_padded_equals_packed, greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -119,37 +119,17 @@ def test_forward_backward(device):
 @pytest.mark.parametrize("window_size", [None, 3])
 def test_padded_batch_equals_packed_batch(device, window_size):
     model = tiny_model(device, window_size).eval()
-    lens, T = [9, 4, 7], 9
-    ids, mask = left_padded_batch(lens, T, device, V)
-    padded = model(ids, attention_mask=mask).logits
-    cu = torch.tensor([0, 9, 13, 20], device=device, dtype=torch.int32)
-    packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
-    assert_close("padded vs packed", padded[mask.bool()][None], packed, 1e-4)
-    for b in range(3):
-        alone = model(ids[b, mask[b].bool()][None]).logits
-        assert_close(f"row {b}", padded[b, mask[b].bool()][None], alone, 1e-4)
+    ids, mask = left_padded_batch([9, 4, 7], 9, device, V)
+    check_padded_equals_packed(model, ids, mask, 1e-4)
 
 
 @pytest.mark.parametrize("window_size", [None, 4])
 def test_cached_decoding_with_left_padding_matches_full_forward(device, window_size):
     model = tiny_model(device, window_size).eval()
-    T, prefill = 12, 4
-    lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device, V)
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    cache = out.past_key_values
-    logits = [out.logits]
-    for t in range(prefill, T):
-        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
-    logits = torch.cat(logits, 1)
-    assert all(cache.get_seq_length(i) == T for i in range(len(cache)))
+    cache = check_cached_decoding(model, 12, 4, device, V, 1e-4)
     k = cache[1]["attn_state"][0]
-    assert k.shape[1] == (T if window_size is None else window_size)  # the SWA cache stays bounded
+    assert k.shape[1] == (12 if window_size is None else window_size)  # the SWA cache stays bounded
     assert cache[0]["attn_state"] is None and cache[0]["recurrent_state"] is not None
-    for b, n in enumerate(lens):
-        ref = model(ids[b:b + 1, T - n:], use_cache=False).logits
-        assert_close(f"row {b}", logits[b:b + 1, T - n:], ref, 1e-4)
 
 
 def test_plain_forward_cache_continues(device):

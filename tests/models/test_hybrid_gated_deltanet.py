@@ -8,9 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fla.layers import LTEAttention, NativeSparseAttention
-from fla.models import Cache, HybridGatedDeltaNetConfig, HybridGatedDeltaNetForCausalLM
+from fla.models import HybridGatedDeltaNetConfig, HybridGatedDeltaNetForCausalLM
 from fla.utils.testing import assert_close
-from tests.models.helpers import greedy_reference, left_padded_batch
+from tests.models.helpers import check_cached_decoding, check_padded_equals_packed, greedy_reference, left_padded_batch
 
 V = 97
 LTE_KEYS = {"attn_type": "lte", "conv_size": [3, 3], "conv_dilation": [1, 2], "dropout_prob": 0.0, "sink_size": 2,
@@ -125,12 +125,8 @@ def test_forward_backward_with_l1_controller(device):
 @pytest.mark.parametrize("attn_type", ["lte", "nsa"])
 def test_padded_batch_equals_packed_batch(device, attn_type):
     model = tiny_model(device, attn_type=attn_type).eval()
-    lens, T = [13, 5, 9], 13
-    ids, mask = left_padded_batch(lens, T, device, V)
-    padded = model(ids, attention_mask=mask).logits
-    cu = torch.tensor([0, 13, 18, 27], device=device, dtype=torch.int32)
-    packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
-    assert_close("padded vs packed", padded[mask.bool()][None], packed, 1e-5)
+    ids, mask = left_padded_batch([13, 5, 9], 13, device, V)
+    check_padded_equals_packed(model, ids, mask, 1e-5)
 
 
 @pytest.mark.parametrize("attn_type", ["lte", "nsa"])
@@ -138,20 +134,7 @@ def test_cached_decoding_with_left_padding_matches_full_forward(device, attn_typ
     """With a buffer larger than the sequence the cap never binds: streaming eviction keeps every selected token,
     which is what the cache-free forward attends to, so the logits must agree token by token."""
     model = tiny_model(device, attn_type=attn_type).eval()
-    T, prefill = 20, 6
-    lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device, V)
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    cache = out.past_key_values
-    assert isinstance(cache, Cache)
-    logits = [out.logits]
-    for t in range(prefill, T):
-        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
-    logits = torch.cat(logits, 1)
-    for b, n in enumerate(lens):
-        ref = model(ids[b:b + 1, T - n:], use_cache=False).logits
-        assert_close(f"row {b}", logits[b:b + 1, T - n:], ref, 1e-4)
+    check_cached_decoding(model, 20, 6, device, V, 1e-4)
 
 
 def test_lte_cache_stays_bounded(device):

@@ -11,10 +11,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import fla  # noqa: F401  (registers the models)
 from fla.models.nsa import NSAConfig, NSAForCausalLM, NSAModel
-from fla.models.utils import Cache
 from fla.modules import rotary_inv_freq
 from fla.utils.testing import assert_close
-from tests.models.helpers import greedy_reference, left_padded_batch
+from tests.models.helpers import check_cached_decoding, check_padded_equals_packed, greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -98,35 +97,14 @@ def test_forward_backward(device):
 
 def test_padded_batch_equals_packed_batch(device):
     model = tiny_model(device).eval()
-    lens, T = [11, 4, 9], 11
-    ids, mask = left_padded_batch(lens, T, device, V)
-    padded = model(ids, attention_mask=mask).logits
-    cu = torch.tensor([0, 11, 15, 24], device=device, dtype=torch.int32)
-    packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
-    assert_close("padded vs packed", padded[mask.bool()][None], packed, 1e-5)
-    for b in range(3):
-        alone = model(ids[b, mask[b].bool()][None]).logits
-        assert_close(f"row {b}", padded[b, mask[b].bool()][None], alone, 1e-5)
+    ids, mask = left_padded_batch([11, 4, 9], 11, device, V)
+    check_padded_equals_packed(model, ids, mask, 1e-5)
 
 
 def test_cached_decoding_with_left_padding_matches_full_forward(device):
     model = tiny_model(device).eval()
-    T, prefill = 20, 4
-    lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device, V)
-    with torch.no_grad():
-        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-        cache = out.past_key_values
-        assert isinstance(cache, Cache)
-        logits = [out.logits]
-        for t in range(prefill, T):
-            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-        logits = torch.cat(logits, 1)
-        for b, n in enumerate(lens):
-            ref = model(ids[b:b + 1, T - n:], use_cache=False).logits
-            assert_close(f"row {b}", logits[b:b + 1, T - n:], ref, 1e-5)
-        assert all(state["nsa_cmp_state"] is not None for state in cache)
+    cache = check_cached_decoding(model, 20, 4, device, V, 1e-5)
+    assert all(state["nsa_cmp_state"] is not None for state in cache)
 
 
 def test_plain_forward_cache_continues(device):

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import fla  # noqa: F401  (registers the models)
-from fla.models import Cache, TransformerConfig, TransformerForCausalLM, TransformerModel
+from fla.models import TransformerConfig, TransformerForCausalLM, TransformerModel
 from fla.modules import rotary_inv_freq
 from fla.utils.testing import assert_close
-from tests.models.helpers import greedy_reference, left_padded_batch
+from tests.models.helpers import check_cached_decoding, check_padded_equals_packed, greedy_reference, left_padded_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 64
@@ -97,36 +97,19 @@ def test_forward_backward(device):
 @pytest.mark.parametrize("window_size", [None, 3])
 def test_padded_batch_equals_packed_batch(device, window_size):
     model = tiny_model(device, window_size=window_size).eval()
-    lens, T = [9, 4, 7], 9
-    ids, mask = left_padded_batch(lens, T, device, V)
-    padded = model(ids, attention_mask=mask).logits
-    cu = torch.tensor([0, 9, 13, 20], device=device, dtype=torch.int32)
-    packed = model(ids[mask.bool()][None], cu_seqlens=cu).logits
-    assert_close("padded vs packed", padded[mask.bool()][None], packed, 1e-5)
-    for b in range(3):
-        alone = model(ids[b, mask[b].bool()][None]).logits
-        assert_close(f"row {b}", padded[b, mask[b].bool()][None], alone, 1e-5)
+    ids, mask = left_padded_batch([9, 4, 7], 9, device, V)
+    check_padded_equals_packed(model, ids, mask, 1e-5)
 
 
 @pytest.mark.parametrize("window_size", [None, 4])
 def test_cached_decoding_with_left_padding_matches_full_forward(device, window_size):
     model = tiny_model(device, window_size=window_size).eval()
-    T, prefill = 12, 4
-    lens = [T, int(torch.randint(1, T - prefill + 1, ())), int(torch.randint(1, T + 1, ()))]
-    ids, mask = left_padded_batch(lens, T, device, V)
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    cache = out.past_key_values
-    assert isinstance(cache, Cache)
-    logits = [out.logits]
-    for t in range(prefill, T):
-        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
+
+    def window_bounded(cache):
         if window_size is not None:
             assert all(state["attn_state"][0].shape[1] <= window_size for state in cache)
-    logits = torch.cat(logits, 1)
-    for b, n in enumerate(lens):
-        ref = model(ids[b:b + 1, T - n:], use_cache=False).logits
-        assert_close(f"row {b}", logits[b:b + 1, T - n:], ref, 1e-5)
+
+    check_cached_decoding(model, 12, 4, device, V, 1e-5, on_step=window_bounded)
 
 
 def test_plain_forward_cache_continues(device):
