@@ -70,19 +70,24 @@ class HybridGatedDeltaNetBlock(GatedDeltaNetBlock):
         return super().build_mixer(config, layer_idx)
 
 
-def _init_lte(module: nn.Module) -> None:
-    """What the shared ``_init_weights`` cannot know: the router convolutions' own init (transformers visits the
-    Conv2d modules, not the stack that holds them) and the controller buffers (zero), unless a loader filled them."""
-    if isinstance(module, nn.Conv2d) and hasattr(module, "lte_projection"):
-        if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
-            init_router_conv(module)
-    elif isinstance(module, HybridGatedDeltaNetModel) and hasattr(module, "l1_lambda"):
-        for buf in (module.l1_lambda, module.num_kept):
-            if not getattr(buf, "_is_hf_initialized", False):
-                buf.zero_()
+class _LTEInit:
+    """``_init_weights`` plus what the shared one cannot know: the router convolutions' own init (transformers visits
+    the Conv2d modules, not the stack that holds them) and the controller buffers (zero), unless a loader filled
+    them. Mixed into both the backbone and the causal LM (each runs its own ``post_init``)."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, nn.Conv2d) and hasattr(module, "lte_projection"):
+            if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                init_router_conv(module)
+        elif isinstance(module, HybridGatedDeltaNetModel) and hasattr(module, "l1_lambda"):
+            for buf in (module.l1_lambda, module.num_kept):
+                if not getattr(buf, "_is_hf_initialized", False):
+                    buf.zero_()
 
 
-class HybridGatedDeltaNetModel(FLAModel):
+class HybridGatedDeltaNetModel(_LTEInit, FLAModel):
     config_class = HybridGatedDeltaNetConfig
     block_class = HybridGatedDeltaNetBlock
     _no_split_modules = ["HybridGatedDeltaNetBlock"]
@@ -90,33 +95,23 @@ class HybridGatedDeltaNetModel(FLAModel):
     def __init__(self, config: HybridGatedDeltaNetConfig) -> None:
         super().__init__(config)
         attn = config.attn
-        lte_layers = sorted(attn["layers"]) if attn is not None and attn["attn_type"] == "lte" else []
-        if lte_layers:  # the reference has these buffers only in LTE models
-            l1_lambda, num_kept = lte_buffers(len(lte_layers), attn["num_kv_heads"],
-                                              attn.get("l1_lambda_shared", "head"),
-                                              device=self.embeddings.weight.device)
-            self.register_buffer("l1_lambda", l1_lambda, persistent=True)
-            self.register_buffer("num_kept", num_kept, persistent=True)
-        if lte_layers and attn["routing_shared"] == "all":
+        if attn is None or attn["attn_type"] != "lte":
+            return
+        # the reference has these buffers only in LTE models
+        l1_lambda, num_kept = lte_buffers(len(attn["layers"]), attn["num_kv_heads"],
+                                          attn.get("l1_lambda_shared", "head"), device=self.embeddings.weight.device)
+        self.register_buffer("l1_lambda", l1_lambda, persistent=True)
+        self.register_buffer("num_kept", num_kept, persistent=True)
+        if attn["routing_shared"] == "all":
             routers = [layer.attn.router for layer in self.layers if isinstance(layer.attn, LTEAttention)]
             for router in routers[1:]:
                 router.conv_stack = routers[0].conv_stack
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        _init_lte(module)
 
-
-class HybridGatedDeltaNetForCausalLM(FLAForCausalLM):
+class HybridGatedDeltaNetForCausalLM(_LTEInit, FLAForCausalLM):
     config_class = HybridGatedDeltaNetConfig
     model_class = HybridGatedDeltaNetModel
     _no_split_modules = ["HybridGatedDeltaNetBlock"]
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        _init_lte(module)
 
     def lte_controller(self, seq_len: int, process_group: Optional[object] = None):
         """An ``LTESparsityController`` for this model's LTE layers (the trainer drives it)."""
