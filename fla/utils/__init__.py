@@ -8,7 +8,9 @@ from fla.utils.validation import (
     check_cu_seqlens,
     check_non_negative_float,
     check_positive_int,
+    check_qkv,
     check_same_device,
+    check_scale,
     check_tensor,
 )
 
@@ -20,7 +22,9 @@ __all__ = [
     "check_cu_seqlens",
     "check_non_negative_float",
     "check_positive_int",
+    "check_qkv",
     "check_same_device",
+    "check_scale",
     "check_tensor",
     "requested_backend",
     "triton_interpreting",

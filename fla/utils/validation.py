@@ -92,3 +92,27 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], x: torch.Tensor, name: 
         raise ValueError(
             f"{name} must start at 0, be non-decreasing and end at T={x.shape[1]}, got {values if len(values) < 20 else values[:10] + ['...'] + values[-5:]}"
         )
+
+
+def check_scale(scale) -> None:
+    """An attention op's ``scale``: None (meaning D ** -0.5) or a number."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale must be None (meaning D ** -0.5) or a number, got {scale!r}")
+
+
+def check_qkv(q, k, v, time_dim_name: str = "T") -> None:
+    """Attention inputs: q [B, T_q, HQ, D], k [B, <time_dim_name>, H, D], v as k but its last dim; one float
+    dtype and device; HQ a multiple of H (grouped-query attention). Time lengths are the caller's to relate."""
+    check_tensor("q", q, ndim=4, dtype=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
+    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
+    B, _, HQ, D = q.shape
+    if k.shape[0] != B or k.shape[-1] != D:
+        raise ValueError(f"k must have shape [B={B}, {time_dim_name}, H, D={D}], got {list(k.shape)}")
+    H = k.shape[2]
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape [{', '.join(map(str, k.shape[:3]))}, V] (as k but its last dim), "
+                         f"got {list(v.shape)}")
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"the number of query heads HQ={HQ} (q.shape[2]) must be a multiple of the number of kv "
+                         f"heads H={H} (k.shape[2])")

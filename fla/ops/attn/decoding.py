@@ -2,8 +2,8 @@
 
 Two implementations of ``fla.ops.attn.naive.naive_attn_decoding`` (the float32 truth):
 
-- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): the reference math vectorised in float32, with GQA by reshaping the
-  query heads into [B, H, G] groups (no repeat of the cache).
+- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): the reference math vectorised in float32, with GQA by
+  reshaping the query heads into [B, H, G] groups (no repeat of the cache).
 - Triton path (``fla.ops.attn.decoding_kernels``): one program per (row, query head) streaming over the cache with an
   online softmax. Default on CUDA (its tests pass on an H200 with Triton 3.6).
 
@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from fla.ops.attn.parallel import _check_qkv, _check_scale, _check_window
-from fla.utils import check_tensor, use_triton
+from fla.ops.attn.parallel import _check_window
+from fla.utils import check_qkv, check_scale, check_tensor, use_triton
 
 
 def attn_decoding_one_step_torch(q, k, v, scale: float, window_size: Optional[int] = None,
@@ -64,11 +64,11 @@ def attn_decoding_one_step(
 
     CUDA tensors take the Triton kernel, CPU tensors the torch path (``FLA_BACKEND`` overrides).
     """
-    _check_qkv(q, k, v, time_dim_name="S")
+    check_qkv(q, k, v, time_dim_name="S")
     if q.shape[1] != 1:
         raise ValueError(f"q must hold one token per sequence, shape [B, 1, HQ, D], got {list(q.shape)}")
     _check_window(window_size)
-    _check_scale(scale)
+    check_scale(scale)
     if seq_start is not None:
         check_tensor("seq_start", seq_start, ndim=1, dtype=(torch.int32, torch.int64), shape=(q.shape[0],),
                      device=q.device)

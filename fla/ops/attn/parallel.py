@@ -2,10 +2,9 @@
 
 Two implementations of the same function (``fla.ops.attn.naive.naive_attn`` is the float32 truth):
 
-- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): ``F.scaled_dot_product_attention``, with ``is_causal=True`` for full
-  attention and an explicit boolean [T, T] mask for a window; packed sequences run one SDPA call each (up to 16
-  sequences); GQA through ``enable_gqa``; autograd by
-  torch.
+- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): ``F.scaled_dot_product_attention``, with
+  ``is_causal=True`` for full attention and an explicit boolean [T, T] mask for a window; packed sequences run one
+  SDPA call each; GQA through ``enable_gqa``; autograd by torch.
 - Triton path (``fla.ops.attn.parallel_kernels``): flash-attention forward + backward kernels, the
   default on CUDA (their tests pass on an H200 with Triton 3.6).
 
@@ -20,41 +19,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fla.utils import (
-    FLOAT_DTYPES,
-    autocast_custom_bwd,
-    autocast_custom_fwd,
-    check_cu_seqlens,
-    check_tensor,
-    use_triton,
-)
+from fla.utils import autocast_custom_bwd, autocast_custom_fwd, check_cu_seqlens, check_qkv, check_scale, use_triton
 
 
 def _check_window(window_size) -> None:
     if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
                                     or window_size < 1):
         raise ValueError(f"window_size must be None (full causal attention) or an integer >= 1, got {window_size!r}")
-
-
-def _check_scale(scale) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise ValueError(f"scale must be None (meaning D ** -0.5) or a number, got {scale!r}")
-
-
-def _check_qkv(q, k, v, time_dim_name: str = "T"):
-    check_tensor("q", q, ndim=4, dtype=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
-    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
-    B, _, HQ, D = q.shape
-    if k.shape[0] != B or k.shape[-1] != D:
-        raise ValueError(f"k must have shape [B={B}, {time_dim_name}, H, D={D}], got {list(k.shape)}")
-    H = k.shape[2]
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape [{', '.join(map(str, k.shape[:3]))}, V] (as k but its last dim), "
-                         f"got {list(v.shape)}")
-    if H == 0 or HQ % H != 0:
-        raise ValueError(f"the number of query heads HQ={HQ} (q.shape[2]) must be a multiple of the number of kv "
-                         f"heads H={H} (k.shape[2])")
 
 
 def _sdpa(q, k, v, scale: float, window_size: Optional[int], mask: Optional[torch.Tensor] = None):
@@ -130,11 +101,11 @@ def parallel_attn(
 
     CUDA tensors take the Triton kernels, CPU tensors the torch (SDPA) path (``FLA_BACKEND`` overrides).
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"k and v must have the same length T={q.shape[1]} as q, got {k.shape[1]}")
     _check_window(window_size)
-    _check_scale(scale)
+    check_scale(scale)
     check_cu_seqlens(cu_seqlens, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_triton(q):

@@ -8,7 +8,8 @@ o [B, 1, HQ, V] in q.dtype. S = window_size + 1 + buffer_size.
 
 Three implementations:
 - ``naive_lte_decoding``: float32, heads repeated, the truth for tests;
-- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): float32 softmax with GQA as [B, H, G] groups (no repeat of the cache);
+- torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): float32 softmax with GQA as [B, H, G] groups (no repeat
+  of the cache);
 - Triton path (``fla.ops.lte.decoding_kernels``): split-K over the S slots with all G query heads of a kv head in
   one program (K and V read once), merged with log-sum-exp. Default on CUDA (proven on an H200).
 
@@ -23,8 +24,7 @@ from typing import Optional
 
 import torch
 
-from fla.ops.attn.parallel import _check_scale
-from fla.utils import FLOAT_DTYPES, check_tensor, use_triton
+from fla.utils import FLOAT_DTYPES, check_scale, check_tensor, use_triton
 
 
 def naive_lte_decoding(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
@@ -91,7 +91,7 @@ def lte_decoding_one_step(
         raise ValueError(f"the number of query heads HQ={HQ} (q.shape[2]) must be a multiple of the number of kv "
                          f"heads H={H} (k_cache.shape[2])")
     check_tensor("valid", valid, dtype=torch.bool, shape=(B, S, H), device=q.device)
-    _check_scale(scale)
+    check_scale(scale)
     scale = D ** -0.5 if scale is None else float(scale)
     if use_triton(q):
         from fla.ops.lte.decoding_kernels import lte_decoding_fwd

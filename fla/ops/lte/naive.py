@@ -3,7 +3,8 @@
 Query i sees key j iff j <= i and (i - j <= window_size or selected_j), within one sequence (document). With
 ``window_size = w`` a query sees its own token plus the w previous ones (w + 1 keys): the LTE convention, one more
 than sliding-window attention's. Scores reach the loss only through the straight-through gate gradient
-``d score_j = <dL/dv_j, v_j>`` summed over the key/value head's query heads (reference ``DifferentiableMaskingFunction``).
+``d score_j = <dL/dv_j, v_j>`` summed over the key/value head's query heads (the reference's
+``DifferentiableMaskingFunction``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from fla.ops.lte.selection import select_tokens, sequence_bounds
 
 
-def lte_visible_mask(selected: torch.Tensor, window_size: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lte_visible_mask(selected: torch.Tensor, window_size: int,
+                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """selected [B, T, H] bool -> visible [B, H, T(query), T(key)] bool."""
     B, T, H = selected.shape
     pos = torch.arange(T, device=selected.device)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fla.ops.lte.naive import lte_visible_mask, straight_through_gate
 from fla.ops.lte.selection import select_tokens
-from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_tensor, use_triton
+from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_qkv, check_scale, check_tensor, use_triton
 
 
 def _lte_sdpa(q, k, v, score, selected, window_size: int, scale: float) -> torch.Tensor:
@@ -49,15 +49,11 @@ def parallel_lte_attn_torch(q, k, v, score, selected, window_size: int, scale: f
 
 
 def _check_inputs(q, k, v, score, selected, window_size, sink_size, scale, cu_seqlens) -> None:
-    check_tensor("q", q, ndim=4, dtype=FLOAT_DTYPES)
-    B, T, HQ, D = q.shape
-    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
+    check_qkv(q, k, v)
+    B, T, _, _ = q.shape
     H = k.shape[2]
-    check_tensor("k", k, shape=(B, T, H, D))
-    check_tensor("v", v, ndim=4, dtype=q.dtype, shape=(B, T, H, None), device=q.device)
-    if H == 0 or HQ % H:
-        raise ValueError(f"the number of query heads HQ={HQ} (q.shape[2]) must be a multiple of the number of kv "
-                         f"heads H={H} (k.shape[2])")
+    if k.shape[1] != T:
+        raise ValueError(f"k must have the length T={T} of q, got {list(k.shape)}")
     check_tensor("score", score, ndim=3, dtype=FLOAT_DTYPES, shape=(B, T, H), device=q.device)
     if selected is not None:
         check_tensor("selected", selected, dtype=torch.bool, shape=(B, T, H), device=q.device)
@@ -66,8 +62,7 @@ def _check_inputs(q, k, v, score, selected, window_size, sink_size, scale, cu_se
                          f"got {window_size!r}")
     if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
         raise ValueError(f"sink_size must be an int >= 0, got {sink_size!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise ValueError(f"scale must be None (meaning D ** -0.5) or a number, got {scale!r}")
+    check_scale(scale)
     check_cu_seqlens(cu_seqlens, q)
 
 

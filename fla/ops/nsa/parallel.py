@@ -22,7 +22,7 @@ import torch
 
 from fla.ops.nsa.compression import blocks_to_token_mask, compression_attention, mean_pool_blocks, select_blocks
 from fla.ops.nsa.naive import CuSeqlens, split_cu_seqlens
-from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_positive_int, check_tensor, use_triton
+from fla.utils import check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor, use_triton
 
 
 def _masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -157,17 +157,9 @@ def parallel_nsa(
     Returns:
         o [B, T_q, HQ, V] in q.dtype (and the block indices when asked). Differentiable in q, k, v and the gates.
     """
-    check_tensor("q", q, ndim=4, dtype=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
-    check_tensor("v", v, ndim=4, dtype=q.dtype, device=q.device)
+    check_qkv(q, k, v, time_dim_name="T_k")
     B, Tq, HQ, D = q.shape
-    if k.shape[0] != B or k.shape[-1] != D:
-        raise ValueError(f"k must have shape [B={B}, T_k, H, D={D}], got {list(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape [{', '.join(map(str, k.shape[:3]))}, V], got {list(v.shape)}")
     H = k.shape[2]
-    if H == 0 or HQ % H:
-        raise ValueError(f"the number of query heads HQ={HQ} must be a multiple of the number of kv heads H={H}")
     if Tq > k.shape[1]:
         raise ValueError(f"q has T_q={Tq} tokens but k only T_k={k.shape[1]}; queries are the last T_q keys' tokens")
     check_positive_int("block_counts", block_counts)
@@ -180,8 +172,7 @@ def parallel_nsa(
                          "or window_size=0)")
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         _check_gate(name, g, q)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise ValueError(f"scale must be None (meaning D ** -0.5) or a number, got {scale!r}")
+    check_scale(scale)
     scale = D ** -0.5 if scale is None else float(scale)
     cu_q, cu_k = split_cu_seqlens(cu_seqlens)
     if cu_q is not None:
