@@ -2,7 +2,7 @@
 # Launch the trainer (fla.train.train) under torchrun with flame's command line.
 #
 #   NNODE=1 NGPU=2 LOG_RANK=0 bash train.sh --job.config_file configs/fla.toml --job.dump_folder exp/... [flags]
-#   bash train.sh            # no arguments: the embedded default, a tiny GDN+SWA model on the shipped corpus and
+#   bash train.sh            # no arguments: the embedded default, a tiny laLTE model on the shipped corpus and
 #                            # tokenizer, offline, on CPU or GPU, in a couple of minutes
 #
 # Environment: NNODE (1), NGPU (processes per node; default: the number of CUDA GPUs, 1 without CUDA),

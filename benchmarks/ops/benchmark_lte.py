@@ -9,7 +9,7 @@ about 12.5% of keys selected at random, shapes B-T-HQ-H-D 8-4096-16-16-64 and 8-
     - flex: FlexAttention (compiled) with the same mask, the block mask built inside every step as training needs.
 Decode step, bf16, B8 HQ16 H16 D64: ``lte_cache_step`` + ``lte_decoding_one_step`` over a 769-slot ring and a
 512-slot buffer (the cost does not depend on the context) beside full-attention ``attn_decoding_one_step`` over
-4K / 16K / 64K cached keys.
+4K / 16K / 64K cached keys; each timed eagerly (Python and launches included) and as one CUDA-graph replay.
 
 Prints tables with ratios and writes OUT/lte.{txt,json} (default OUT: benchmarks/results). Asserts no speed.
 
@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from benchmarks.common import backend, bench_ms, device_name, print_table, write_json
+from benchmarks.common import backend, bench_ms, device_name, graph_ms, print_table, write_json
 
 SHAPES = [(8, 4096, 16, 16, 64), (8, 4096, 32, 8, 64)]
 QUICK_SHAPES = [(2, 1024, 16, 16, 64)]
@@ -124,17 +124,39 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
         lte_cache_step(kc, vc, sc, sk, va, slot, new_k, new_v, ones, ~ones, WINDOW)
         return lte_decoding_one_step(q, kc, vc, va)
 
+    graphs = torch.device(dev).type == "cuda"
     rows = []
     with backend(_ours_backend(dev)):
         lte_ms = timer(lte_step, rep_ms=rep_ms)
+        lte_graph_ms = _graph_or_nan(lte_step, rep_ms) if graphs else float("nan")
         for S in contexts:
             k = torch.randn(B, S, H, D, device=dev, dtype=dt)
             v = torch.randn(B, S, H, D, device=dev, dtype=dt)
-            full_ms = timer(lambda: attn_decoding_one_step(q, k, v), rep_ms=rep_ms)
-            rows.append({"context": S, "lte_step_us": round(lte_ms * 1e3, 1), "full_attn_us": round(full_ms * 1e3, 1),
-                         "lte/full": round(lte_ms / full_ms, 2)})
+
+            def full_step():
+                return attn_decoding_one_step(q, k, v)
+
+            full_ms = timer(full_step, rep_ms=rep_ms)
+            row = {"context": S, "lte_step_us": round(lte_ms * 1e3, 1), "full_attn_us": round(full_ms * 1e3, 1),
+                   "lte/full": round(lte_ms / full_ms, 2)}
+            if graphs:
+                full_graph_ms = _graph_or_nan(full_step, rep_ms)
+                row.update({"lte_graph_us": round(lte_graph_ms * 1e3, 1),
+                            "full_graph_us": round(full_graph_ms * 1e3, 1),
+                            "lte/full (graph)": round(lte_graph_ms / full_graph_ms, 2)})
+            rows.append(row)
             print(rows[-1], flush=True)
+            del k, v
     return rows
+
+
+def _graph_or_nan(fn, rep_ms: int) -> float:
+    """``graph_ms(fn)``, or NaN (with a printed reason) when ``fn`` cannot be captured."""
+    try:
+        return graph_ms(fn, rep_ms=rep_ms)
+    except Exception as e:  # report, keep going
+        print(f"CUDA-graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return float("nan")
 
 
 def main() -> None:
