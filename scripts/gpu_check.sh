@@ -12,7 +12,9 @@
 #   bench-train (300): python -m benchmarks.training at seq 4096 and 16384
 #   train-1gpu / train-2gpu (240): the paper's command line on the 0.4B laLTE config, shipped corpus, 30 steps
 # A stage that fails or runs out of time is reported in OUT/summary.txt; the next one still runs.
-# Environment: OUT (required), PYTHON (default python3), PYTEST_WORKERS (xdist workers for tests, default 4).
+# Environment: OUT (required), PYTHON (default python3), PYTEST_WORKERS (xdist workers for tests, default 4),
+# OPS_ONLY (bench-ops suites, default lte,attn,nsa,gdn), GEN_MODELS (bench-gen models, default all),
+# TRAIN_SEQ_LENS (bench-train, default 4096,16384).
 # Use CUDA_VISIBLE_DEVICES to put two lanes of stages on two GPUs of one machine.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,7 +31,7 @@ if "$PY" -c 'import pytest_timeout' 2>/dev/null; then xdist+=(--timeout 200); fi
 pytest_stage() {  # $1 = limit, then pytest arguments (each test also limited by pytest-timeout)
   local limit=$1
   shift
-  timeout -k 10 "$limit" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "$@"
+  timeout -k 10 "$limit" "$PY" -m pytest -v -p no:cacheprovider "${xdist[@]}" "$@"
 }
 
 train_stage() {  # $1 = limit, $2 = number of GPUs: the paper's command, local data, 30 steps, a checkpoint at 20
@@ -65,16 +67,17 @@ run_stage() {  # $1 = name, $2 = limit
     bench-ops)
       local anchor=()
       [ -d .anchor/fla ] && anchor=(--anchor-path .anchor)
-      timeout -k 10 "$limit" "$PY" -m benchmarks.ops --out "$OUT/ops" "${anchor[@]}" ;;
+      timeout -k 10 "$limit" "$PY" -m benchmarks.ops --only "${OPS_ONLY:-lte,attn,nsa,gdn}" --out "$OUT/ops" "${anchor[@]}" ;;
     bench-gen)
       local deadline=$(( $(date +%s) + limit )) dirs=() m left
-      for m in $("$PY" -c 'from benchmarks.generation import MODELS; print(" ".join(MODELS))'); do
+      for m in ${GEN_MODELS:-$("$PY" -c 'from benchmarks.generation import MODELS; print(" ".join(MODELS))')}; do
         left=$(( deadline - $(date +%s) ))
         if [ "$left" -le 10 ]; then echo "bench-gen: no time left for $m"; break; fi
         timeout -k 10 "$left" "$PY" -m benchmarks.generation --models "$m" --out "$OUT/gen-$m" && dirs+=("$OUT/gen-$m")
       done
       [ ${#dirs[@]} -gt 0 ] && "$PY" -m benchmarks.generation --merge "${dirs[@]}" --out "$OUT/generation" ;;
-    bench-train) timeout -k 10 "$limit" "$PY" -m benchmarks.training --seq-lens 4096,16384 --out "$OUT/training" ;;
+    bench-train) timeout -k 10 "$limit" "$PY" -m benchmarks.training --seq-lens "${TRAIN_SEQ_LENS:-4096,16384}" \
+      --out "$OUT/training" ;;
     train-1gpu) train_stage "$limit" 1 ;;
     train-2gpu) train_stage "$limit" 2 ;;
     *) echo "unknown stage $name"; return 2 ;;
