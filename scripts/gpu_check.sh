@@ -14,6 +14,7 @@
 # A stage that fails or runs out of time is reported in OUT/summary.txt; the next one still runs.
 # Environment: OUT (required), PYTHON (default python3), PYTEST_WORKERS (xdist workers for tests, default 4),
 # OPS_ONLY (bench-ops suites, default lte,attn,nsa,gdn), GEN_MODELS (bench-gen models, default all),
+# GEN_CONTEXTS (bench-gen context lengths, default the benchmark's),
 # TRAIN_SEQ_LENS (bench-train, default 4096,16384).
 # Use CUDA_VISIBLE_DEVICES to put two lanes of stages on two GPUs of one machine.
 set -uo pipefail
@@ -73,7 +74,8 @@ run_stage() {  # $1 = name, $2 = limit
       for m in ${GEN_MODELS:-$("$PY" -c 'from benchmarks.generation import MODELS; print(" ".join(MODELS))')}; do
         left=$(( deadline - $(date +%s) ))
         if [ "$left" -le 10 ]; then echo "bench-gen: no time left for $m"; break; fi
-        timeout -k 10 "$left" "$PY" -m benchmarks.generation --models "$m" --out "$OUT/gen-$m" && dirs+=("$OUT/gen-$m")
+        timeout -k 10 "$left" "$PY" -m benchmarks.generation --models "$m" --out "$OUT/gen-$m" \
+          ${GEN_CONTEXTS:+--contexts "$GEN_CONTEXTS"} && dirs+=("$OUT/gen-$m")
       done
       [ ${#dirs[@]} -gt 0 ] && "$PY" -m benchmarks.generation --merge "${dirs[@]}" --out "$OUT/generation" ;;
     bench-train) timeout -k 10 "$limit" "$PY" -m benchmarks.training --seq-lens "${TRAIN_SEQ_LENS:-4096,16384}" \

@@ -46,6 +46,7 @@ import torch.nn as nn
 from fla.layers.lte_router import LTEConvolutionStack, LTERouter, RoutingStats
 from fla.layers.utils import (
     check_mixer_inputs,
+    last_steps,
     left_align,
     left_aligned_mask,
     pad_input,
@@ -242,9 +243,10 @@ class LTEAttention(nn.Module):
         R = 2 * self.router.margin + 1
         N, L = valid.shape
         pad = max(R - L, 0)
-        router_k = torch.cat([k_raw.new_zeros(N, pad, *k_raw.shape[2:]), k_raw], 1)[:, -R:].detach()
-        router_v = torch.cat([v_raw.new_zeros(N, pad, *v_raw.shape[2:]), v_raw], 1)[:, -R:].detach()
-        router_valid = torch.cat([valid.new_zeros(N, pad), valid], 1)[:, -R:]
+        # copies, not views: a view would keep the whole prompt's keys alive in the cache
+        router_k = last_steps(torch.cat([k_raw.new_zeros(N, pad, *k_raw.shape[2:]), k_raw.detach()], 1), R)
+        router_v = last_steps(torch.cat([v_raw.new_zeros(N, pad, *v_raw.shape[2:]), v_raw.detach()], 1), R)
+        router_valid = last_steps(torch.cat([valid.new_zeros(N, pad), valid], 1), R)
         state = {"k_cache": k_cache, "v_cache": v_cache, "score": s_cache, "sink": sink_cache, "valid": valid_cache,
                  "router_k": router_k, "router_v": router_v, "router_valid": router_valid,
                  "pos": torch.full((N,), L, dtype=torch.long, device=valid.device),

@@ -143,3 +143,14 @@ def left_align(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = packed.new_zeros(tuple(mask.shape) + tuple(packed.shape[1:]))
     out[mask] = packed
     return out
+
+
+def last_steps(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` time steps of ``x`` [N, T, ...] as a tensor that owns its memory ([N, min(n, T), ...]).
+
+    For caches: a slice ``x[:, -n:]`` is a view that keeps the whole of ``x`` (a prompt's keys, say) alive, so a
+    bounded cache would hold memory that grows with the prompt. ``x`` itself is returned when nothing is dropped.
+    """
+    if x.shape[1] <= n:
+        return x
+    return x[:, x.shape[1] - n:].clone()

@@ -27,6 +27,8 @@ import torch
 from transformers.cache_utils import Cache as HFCache
 from transformers.generation import GenerationMixin
 
+from fla.layers.utils import last_steps
+
 STATE_NAMES = ("recurrent_state", "attn_state", "conv_state", "ffn_state")
 ATTN_STATE_MODES = ("append", "replace")
 
@@ -140,9 +142,12 @@ class Cache(HFCache):
                 if len(previous) != len(attn_state):
                     raise ValueError(f"layer {layer_idx} stores {len(previous)} attention states, got "
                                      f"{len(attn_state)}")
+                if window_size is not None:  # only what the window still needs goes into the new tensor
+                    keep = max(window_size - attn_state[0].shape[1], 0)
+                    previous = tuple(p[:, p.shape[1] - keep:] for p in previous)
                 attn_state = tuple(torch.cat([p, a], dim=1) for p, a in zip(previous, attn_state, strict=True))
-            if window_size is not None:
-                attn_state = tuple(a[:, -window_size:] for a in attn_state)
+            if window_size is not None:  # an owned copy: a view would keep a long prompt's keys alive
+                attn_state = tuple(last_steps(a, window_size) for a in attn_state)
             state["attn_state"] = attn_state
         for name, value in (("recurrent_state", recurrent_state), ("conv_state", conv_state),
                             ("ffn_state", ffn_state), *extra_states.items()):

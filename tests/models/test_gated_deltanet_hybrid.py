@@ -129,6 +129,8 @@ def test_cached_decoding_with_left_padding_matches_full_forward(device, window_s
     cache = check_cached_decoding(model, 12, 4, device, V, 1e-4)
     k = cache[1]["attn_state"][0]
     assert k.shape[1] == (12 if window_size is None else window_size)  # the SWA cache stays bounded
+    if window_size is not None:  # ... also in memory: after a 12-token prompt the state is no view into it
+        assert k.untyped_storage().nbytes() == k.numel() * k.element_size()
     assert cache[0]["attn_state"] is None and cache[0]["recurrent_state"] is not None
 
 

@@ -149,6 +149,15 @@ def test_lte_cache_stays_bounded(device):
     assert sizes["k_cache"][1] == 4 + 1 + 3
 
 
+def test_lte_cache_memory_does_not_grow_with_the_prompt(device):
+    """After a long prefill the LTE state owns only its bounded tensors (no view into the prompt's keys)."""
+    model = tiny_model(device, window_size=4, buffer_size=3).eval()
+    with torch.no_grad():
+        state = model(torch.randint(1, V, (2, 200), device=device), use_cache=True).past_key_values[1]["lte_state"]
+    for name, t in state.items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
 def test_generate_greedy_with_left_padding(device):
     model = tiny_model(device).eval()
     ids, mask = left_padded_batch([6, 1] + torch.randint(1, 7, (2,)).tolist(), 6, device, V)
