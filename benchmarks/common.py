@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -52,6 +55,26 @@ def graph_ms(fn: Callable[[], object], rep_ms: int = 100) -> float:
     with torch.cuda.graph(graph):
         fn()
     return bench_ms(graph.replay, rep_ms=rep_ms)
+
+
+def run_with_anchor(anchor_path: str, script: str, args: List[str], marker: str):
+    """Run ``script`` (a self-contained file: torch, triton and ``fla`` only) in a child process whose ``fla`` is the
+    package in ``anchor_path`` (upstream fla-core: its package name collides with ours), and return the JSON it
+    prints on the line starting with ``marker``.
+
+    The child runs outside this repository (a temporary working directory, ``PYTHONPATH=anchor_path``, no
+    ``FLA_BACKEND``), so our own ``fla`` cannot be imported by mistake.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.abspath(anchor_path)
+    env.pop("FLA_BACKEND", None)
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, os.path.abspath(script), *args], env=env, cwd=cwd,
+                              capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    raise RuntimeError(f"the anchor process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def gpu_kernel_ms(fn: Callable[[], object], iters: int = 10, grad_to_none=None) -> float:

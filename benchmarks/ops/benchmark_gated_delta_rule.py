@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 SHAPES = [(8, 4096, 8, 128), (4, 4096, 8, 256), (1, 32768, 8, 128)]
 QUICK_SHAPES = [(2, 2048, 8, 128), (1, 2048, 8, 256)]
@@ -123,17 +121,10 @@ def measure(shapes, warmup_ms: int = 25, rep_ms: int = 100, decode_shapes=(), de
 
 def measure_anchor(anchor_path: str, shapes, warmup_ms: int, rep_ms: int, decode_shapes=()):
     """Run ``measure`` in a child process that imports ``fla`` from ``anchor_path`` only."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.abspath(anchor_path)
-    env.pop("FLA_BACKEND", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(shapes), str(warmup_ms), str(rep_ms),
-           json.dumps(list(decode_shapes))]
-    with tempfile.TemporaryDirectory() as cwd:  # outside the repository: our own fla must not be importable
-        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    raise RuntimeError(f"the anchor process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    from benchmarks.common import run_with_anchor
+
+    return run_with_anchor(anchor_path, __file__, ["--worker", json.dumps(shapes), str(warmup_ms), str(rep_ms),
+                                                   json.dumps(list(decode_shapes))], RESULT_MARKER)
 
 
 def _worker(argv) -> int:

@@ -99,8 +99,27 @@ def gdn_rows(quick: bool, device: str, anchor_path: Optional[str] = None, notes:
     return rows
 
 
-def attn_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[List[str]] = None):
-    """Softmax attention: full / sliding-window prefill (vs SDPA, FlexAttention) and the decode step (vs SDPA)."""
+def _fla_core_rows(anchor_path: Optional[str], device: str, jobs: List[Dict], notes: Optional[List[str]],
+                   suite: str) -> Dict:
+    """fla-core's times for ``jobs`` (``benchmarks.ops.fla_core_anchor``), keyed by (shape, mode); an error string
+    stands for a refused job. Empty without ``anchor_path`` or CUDA (with a note saying so)."""
+    if not anchor_path or device != "cuda":
+        if notes is not None:
+            notes.append(f"{suite}: the fla-core anchor needs --anchor-path DIR and CUDA; skipped")
+        return {}
+    from benchmarks.ops.fla_core_anchor import measure_anchor
+
+    times = {}
+    for r in measure_anchor(anchor_path, jobs)["rows"]:
+        for mode in ("fwd", "fwdbwd"):
+            times[r["key"], mode] = r.get(f"{mode}_ms", r.get("error", "no result"))
+    return times
+
+
+def attn_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[List[str]] = None,
+              anchor_path: Optional[str] = None):
+    """Softmax attention: full / sliding-window prefill (vs SDPA, FlexAttention, fla-core's ``parallel_attn``) and
+    the decode step (vs SDPA)."""
     from benchmarks.ops import benchmark_attn as ba
 
     timer = timer_for(device)
@@ -114,11 +133,16 @@ def attn_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[L
         if use_flex and notes is not None:
             notes.append("attn / lte: FlexAttention anchor skipped on the CPU (compiled for CUDA only here)")
         use_flex = False
+    jobs = [{"op": "attn", "B": B, "T": T, "HQ": HQ, "H": H, "D": D, "window": w,
+             "key": f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}|{w}"} for B, T, HQ, H, D in shapes for w in windows]
+    fla_core = _fla_core_rows(anchor_path, device, jobs, notes, "attn")
     rows = []
     for r in ba.bench_prefill(shapes, windows, use_flex=use_flex, device=device, timer=timer):
         op = "attn_full" if r["window"] is None else f"attn_swa{r['window']}"
         anchors = [(name, r.get(name) if r.get(name) is not None else r.get(f"{name}_error"))
                    for name in ("sdpa", "flex") if name in r or f"{name}_error" in r]
+        if fla_core:
+            anchors.append(("fla-core", fla_core.get((f"{r['shape']}|{r['window']}", r["mode"]), "no result")))
         ours = r["ours"] if r.get("ours") is not None else r.get("ours_error", "failed")
         if not anchors:
             rows.append(_row(op, r["shape"], r["mode"], ours))
@@ -140,10 +164,10 @@ def _nsa_inputs(B, T, HQ, H, D, device, dtype, requires_grad):
     return q, k, v, gates
 
 
-def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None):
-    """NSA prefill fwd / fwd+bwd beside full causal SDPA at the same shape (the cost NSA replaces), and the NSA
-    decode step beside SDPA over the whole cache. fla-core's ``parallel_nsa`` needs flash-attn for its window
-    branch (anchors.md), so it is not an anchor here."""
+def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor_path: Optional[str] = None):
+    """NSA prefill fwd / fwd+bwd beside full causal SDPA at the same shape (the cost NSA replaces); without the
+    window branch (``window_size=0``) beside fla-core's ``parallel_nsa``, whose window branch needs flash-attn
+    (anchors.md); and the NSA decode step beside SDPA over the whole cache."""
     from fla.ops.nsa import mean_pool_blocks, nsa_decoding_one_step, parallel_nsa
 
     timer = timer_for(device)
@@ -157,8 +181,11 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None):
         shapes, bs, sc, w = CPU_NSA["shapes"], CPU_NSA["block_size"], CPU_NSA["block_counts"], CPU_NSA["window"]
         caches, batch = CPU_NSA["caches"], CPU_NSA["batch"]
     if notes is not None:
-        notes.append("nsa: fla-core parallel_nsa is no anchor (its window branch needs flash-attn); the SDPA rows "
-                     "are full causal attention at the same shape, the cost NSA replaces")
+        notes.append("nsa: the SDPA rows are full causal attention at the same shape, the cost NSA replaces; "
+                     "fla-core's parallel_nsa needs flash-attn for its window branch, so it is compared at w=0")
+    jobs = [{"op": "nsa", "B": B, "T": T, "HQ": HQ, "H": H, "D": D, "block_size": bs, "block_counts": sc,
+             "key": f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}-bs{bs}-S{sc}-w0"} for B, T, HQ, H, D in shapes]
+    fla_core = _fla_core_rows(anchor_path, device, jobs, notes, "nsa")
     ours_backend = "triton" if cuda else "torch"
     rows = []
     for B, T, HQ, H, D in shapes:
@@ -184,6 +211,20 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None):
                 except Exception as e:  # noqa: BLE001 - report, keep going
                     times[name] = f"{type(e).__name__}: {str(e)[:120]}"
             rows.append(_row("nsa", shape, mode, times["ours"], "sdpa full causal", times["sdpa"]))
+        if fla_core:  # the shared configuration: no window branch
+            shape0 = f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}-bs{bs}-S{sc}-w0"
+
+            def ours0():
+                return parallel_nsa(q, k, v, gc, gs, None, block_counts=sc, block_size=bs, window_size=0)
+
+            for mode in ("fwd", "fwdbwd"):
+                call = ours0 if mode == "fwd" else (lambda: ours0().backward(do))
+                try:
+                    with backend(ours_backend):
+                        ours_ms = timer(call, grad_to_none=leaves)
+                except Exception as e:  # noqa: BLE001 - report, keep going
+                    ours_ms = f"{type(e).__name__}: {str(e)[:120]}"
+                rows.append(_row("nsa", shape0, mode, ours_ms, "fla-core", fla_core.get((shape0, mode), "no result")))
         del q, k, v, gc, gs, gw, leaves, do
         if cuda:
             torch.cuda.empty_cache()
@@ -295,9 +336,9 @@ def run_suites(names, quick: bool, device: str, use_flex: bool = True, anchor_pa
             if name == "gdn":
                 rows += gdn_rows(quick, device, anchor_path, notes)
             elif name == "attn":
-                rows += attn_rows(quick, device, use_flex, notes)
+                rows += attn_rows(quick, device, use_flex, notes, anchor_path)
             elif name == "nsa":
-                rows += nsa_rows(quick, device, notes)
+                rows += nsa_rows(quick, device, notes, anchor_path)
             elif name == "lte":
                 rows += lte_rows(quick, device, use_flex, notes)
             else:
