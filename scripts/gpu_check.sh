@@ -15,7 +15,7 @@
 # Environment: OUT (required), PYTHON (default python3), PYTEST_WORKERS (xdist workers for tests, default 4),
 # OPS_ONLY (bench-ops suites, default lte,attn,nsa,gdn), GEN_MODELS (bench-gen models, default all),
 # GEN_CONTEXTS (bench-gen context lengths, default the benchmark's),
-# TRAIN_SEQ_LENS (bench-train, default 4096,16384).
+# TRAIN_SEQ_LENS (bench-train, default 4096,16384), TRAIN_PROFILE (non-empty: bench-train writes kernel profiles).
 # Use CUDA_VISIBLE_DEVICES to put two lanes of stages on two GPUs of one machine.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -79,6 +79,7 @@ run_stage() {  # $1 = name, $2 = limit
       done
       [ ${#dirs[@]} -gt 0 ] && "$PY" -m benchmarks.generation --merge "${dirs[@]}" --out "$OUT/generation" ;;
     bench-train) timeout -k 10 "$limit" "$PY" -m benchmarks.training --seq-lens "${TRAIN_SEQ_LENS:-4096,16384}" \
+      ${TRAIN_PROFILE:+--profile} \
       --out "$OUT/training" ;;
     train-1gpu) train_stage "$limit" 1 ;;
     train-2gpu) train_stage "$limit" 2 ;;

@@ -1,7 +1,7 @@
 """Training throughput of each model family: tokens/s, MFU and peak memory of a full optimiser step.
 
     python -m benchmarks.training [--quick] [--out DIR] [--models transformer,gdn,...] [--seq-lens 4096,16384]
-                                  [--tokens-per-step 32768] [--steps 10] [--size 0.4B]
+                                  [--tokens-per-step 32768] [--steps 10] [--size 0.4B] [--profile]
 
 One step = forward with labels (loss inside the model), backward, AdamW step, gradients set to None; weights in
 float32 under bf16 autocast on CUDA (plain float32 on the CPU). Batch size = tokens-per-step // seq_len (at least 1).
@@ -47,8 +47,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def measure(name: str, seq_len: int, batch: int, steps: int, warmup: int, size: str, tiny: bool,
-            device: str, peak: Optional[float]) -> Dict:
-    """One (model, seq_len) cell: builds the model and its optimiser, times ``steps`` optimiser steps."""
+            device: str, peak: Optional[float], profile_to: Optional[str] = None) -> Dict:
+    """One (model, seq_len) cell: builds the model and its optimiser, times ``steps`` optimiser steps.
+
+    ``profile_to``: also run one more step under ``torch.profiler`` and write its table of kernels (self time on
+    the device, or on the CPU without CUDA; top 40) to that file."""
     cuda = device == "cuda"
     model = build_model(name, size, tiny=tiny, device=device, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda or None)
@@ -83,12 +86,29 @@ def measure(name: str, seq_len: int, batch: int, steps: int, warmup: int, size: 
         row["mfu"] = row["tflops"] / peak if peak else None
         if cuda:
             row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if profile_to:
+            _profile_step(step, cuda, profile_to, f"{name} T{seq_len} B{batch}")
     finally:
         del model, opt
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return row
+
+
+def _profile_step(step, cuda: bool, path: str, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"one training step, {title}, sorted by {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n")
+    print(f"wrote {path}", flush=True)
 
 
 def _ints(text: str) -> List[int]:
@@ -108,6 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; quick: cpu)")
     parser.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
                         help="FLA_BACKEND for the run (default: triton on CUDA, auto on the CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write OUT/profile_<model>_T<seq_len>.txt: the kernels of one step, by time")
     args = parser.parse_args(argv)
 
     models = parse_names(parser, args.models, MODELS, "model(s)")
@@ -135,7 +157,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for seq_len in seq_lens:
                 batch = max(1, tokens_per_step // seq_len)
                 try:
-                    row = measure(name, seq_len, batch, steps, warmup, args.size, args.quick, device, peak)
+                    profile_to = os.path.join(out, f"profile_{name}_T{seq_len}.txt") if args.profile else None
+                    row = measure(name, seq_len, batch, steps, warmup, args.size, args.quick, device, peak,
+                                  profile_to)
                 except Exception as e:  # noqa: BLE001 - report and go on with the other cells
                     if not _is_oom(e):
                         print(f"{name} T{seq_len} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

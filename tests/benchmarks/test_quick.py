@@ -11,8 +11,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CASES = {
     "ops": ["ops.txt", "ops.json"],
     "generation": ["generation.csv", "generation.json", "latency.png", "memory.png", "decode.png"],
-    "training": ["training.csv", "training.json", "training.txt"],
+    "training": ["training.csv", "training.json", "training.txt", "profile_lalte_T128.txt"],
 }
+EXTRA_ARGS = {"training": ["--profile"]}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -24,7 +25,7 @@ def test_quick_entry_point(name, tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
     out = tmp_path / name
-    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out), *EXTRA_ARGS.get(name, [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{log}"
