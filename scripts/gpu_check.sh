@@ -16,7 +16,8 @@
 # OPS_ONLY (bench-ops suites, default lte,attn,nsa,gdn), GEN_MODELS (bench-gen models, default all),
 # GEN_CONTEXTS (bench-gen context lengths, default the benchmark's),
 # TRAIN_SEQ_LENS (bench-train, default 4096,16384), TRAIN_PROFILE (non-empty: bench-train writes kernel profiles).
-# Use CUDA_VISIBLE_DEVICES to put two lanes of stages on two GPUs of one machine.
+# Use CUDA_VISIBLE_DEVICES to put two lanes of stages on two GPUs of one machine. Stages write many files (plots,
+# per-model folders): pack OUT into one archive before handing it back from a lent machine.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${OUT:?set OUT to the folder for logs and results}"
