@@ -144,7 +144,7 @@ class Cache(HFCache):
                                      f"{len(attn_state)}")
                 if window_size is not None:  # only what the window still needs goes into the new tensor
                     keep = max(window_size - attn_state[0].shape[1], 0)
-                    previous = tuple(p[:, p.shape[1] - keep:] for p in previous)
+                    previous = tuple(p[:, max(p.shape[1] - keep, 0):] for p in previous)
                 attn_state = tuple(torch.cat([p, a], dim=1) for p, a in zip(previous, attn_state, strict=True))
             if window_size is not None:  # an owned copy: a view would keep a long prompt's keys alive
                 attn_state = tuple(last_steps(a, window_size) for a in attn_state)

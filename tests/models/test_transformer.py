@@ -101,7 +101,7 @@ def test_padded_batch_equals_packed_batch(device, window_size):
     check_padded_equals_packed(model, ids, mask, 1e-5)
 
 
-@pytest.mark.parametrize("window_size", [None, 4])
+@pytest.mark.parametrize("window_size", [None, 4, 8])
 def test_cached_decoding_with_left_padding_matches_full_forward(device, window_size):
     model = tiny_model(device, window_size=window_size).eval()
 
