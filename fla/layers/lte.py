@@ -46,7 +46,6 @@ import torch.nn as nn
 from fla.layers.lte_router import LTEConvolutionStack, LTERouter, RoutingStats
 from fla.layers.utils import (
     check_mixer_inputs,
-    last_steps,
     left_align,
     left_aligned_mask,
     pad_input,
@@ -62,6 +61,15 @@ def _check_non_negative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
+
+
+def _router_ring(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The router ring of a prompt: the last ``size`` steps of x [N, L, ...], zero-padded on the left when L < size.
+
+    A new tensor holding only those steps (the decode steps shift it in place, and it must not keep the prompt's
+    keys alive): the slice is taken before the concatenation, which copies it."""
+    tail = x[:, max(x.shape[1] - size, 0):]
+    return torch.cat([tail.new_zeros(tail.shape[0], size - tail.shape[1], *tail.shape[2:]), tail], 1)
 
 
 class LTEAttention(nn.Module):
@@ -242,11 +250,7 @@ class LTEAttention(nn.Module):
             k_rot.detach(), v_raw.detach(), score, sink, valid, self.window_size, self.buffer_size)
         R = 2 * self.router.margin + 1
         N, L = valid.shape
-        pad = max(R - L, 0)
-        # copies, not views: a view would keep the whole prompt's keys alive in the cache
-        router_k = last_steps(torch.cat([k_raw.new_zeros(N, pad, *k_raw.shape[2:]), k_raw.detach()], 1), R)
-        router_v = last_steps(torch.cat([v_raw.new_zeros(N, pad, *v_raw.shape[2:]), v_raw.detach()], 1), R)
-        router_valid = last_steps(torch.cat([valid.new_zeros(N, pad), valid], 1), R)
+        router_k, router_v, router_valid = (_router_ring(x, R) for x in (k_raw.detach(), v_raw.detach(), valid))
         state = {"k_cache": k_cache, "v_cache": v_cache, "score": s_cache, "sink": sink_cache, "valid": valid_cache,
                  "router_k": router_k, "router_v": router_v, "router_valid": router_valid,
                  "pos": torch.full((N,), L, dtype=torch.long, device=valid.device),
