@@ -26,14 +26,14 @@ workers=${PYTEST_WORKERS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 
-xdist=()  # pytest options: xdist workers and a per-test time limit, where installed
-if "$PY" -c 'import xdist' 2>/dev/null && [ "$workers" -gt 1 ]; then xdist=(-n "$workers"); fi
-if "$PY" -c 'import pytest_timeout' 2>/dev/null; then xdist+=(--timeout 200); fi
+pytest_opts=()  # xdist workers and a per-test time limit, where installed
+if "$PY" -c 'import xdist' 2>/dev/null && [ "$workers" -gt 1 ]; then pytest_opts=(-n "$workers"); fi
+if "$PY" -c 'import pytest_timeout' 2>/dev/null; then pytest_opts+=(--timeout 200); fi
 
 pytest_stage() {  # $1 = limit, then pytest arguments (each test also limited by pytest-timeout)
   local limit=$1
   shift
-  timeout -k 10 "$limit" "$PY" -m pytest -v -p no:cacheprovider "${xdist[@]}" "$@"
+  timeout -k 10 "$limit" "$PY" -m pytest -v -p no:cacheprovider "${pytest_opts[@]}" "$@"
 }
 
 train_stage() {  # $1 = limit, $2 = number of GPUs: the paper's command, local data, 30 steps, a checkpoint at 20

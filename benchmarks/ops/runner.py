@@ -164,6 +164,11 @@ def _nsa_inputs(B, T, HQ, H, D, device, dtype, requires_grad):
     return q, k, v, gates
 
 
+def _nsa_shape(B, T, HQ, H, D, block_size, block_counts, window) -> str:
+    """The NSA rows' shape column, also the key of fla-core's results."""
+    return f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}-bs{block_size}-S{block_counts}-w{window}"
+
+
 def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor_path: Optional[str] = None):
     """NSA prefill fwd / fwd+bwd beside full causal SDPA at the same shape (the cost NSA replaces); without the
     window branch (``window_size=0``) beside fla-core's ``parallel_nsa``, whose window branch needs flash-attn
@@ -184,7 +189,7 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
         notes.append("nsa: the SDPA rows are full causal attention at the same shape, the cost NSA replaces; "
                      "fla-core's parallel_nsa needs flash-attn for its window branch, so it is compared at w=0")
     jobs = [{"op": "nsa", "B": B, "T": T, "HQ": HQ, "H": H, "D": D, "block_size": bs, "block_counts": sc,
-             "key": f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}-bs{bs}-S{sc}-w0"} for B, T, HQ, H, D in shapes]
+             "key": _nsa_shape(B, T, HQ, H, D, bs, sc, 0)} for B, T, HQ, H, D in shapes]
     fla_core = _fla_core_rows(anchor_path, device, jobs, notes, "nsa")
     ours_backend = "triton" if cuda else "torch"
     rows = []
@@ -192,7 +197,7 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
         q, k, v, (gc, gs, gw) = _nsa_inputs(B, T, HQ, H, D, device, dtype, True)
         do = torch.randn_like(q)
         leaves = [q, k, v, gc, gs, gw]
-        shape = f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}-bs{bs}-S{sc}-w{w}"
+        shape = _nsa_shape(B, T, HQ, H, D, bs, sc, w)
 
         def ours():
             return parallel_nsa(q, k, v, gc, gs, gw, block_counts=sc, block_size=bs, window_size=w)
@@ -212,7 +217,7 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
                     times[name] = f"{type(e).__name__}: {str(e)[:120]}"
             rows.append(_row("nsa", shape, mode, times["ours"], "sdpa full causal", times["sdpa"]))
         if fla_core:  # the shared configuration: no window branch
-            shape0 = f"B{B}-T{T}-HQ{HQ}-H{H}-D{D}-bs{bs}-S{sc}-w0"
+            shape0 = _nsa_shape(B, T, HQ, H, D, bs, sc, 0)
 
             def ours0():
                 return parallel_nsa(q, k, v, gc, gs, None, block_counts=sc, block_size=bs, window_size=0)
