@@ -4,19 +4,22 @@ Layout: q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V], o [B, T, HQ, V]; query 
 ``hq // G`` with G = HQ // H. With ``cu_seqlens`` (B = 1) programs are indexed by (sequence, block inside the
 sequence) through ``prepare_chunk_indices`` and never read outside their sequence.
 
-Window ``w``: query i sees keys max(0, i - w + 1) .. i. Key blocks wholly outside a query block's window are skipped.
+Window ``w``: query i sees keys max(0, i - w + 1) .. i. Key blocks wholly outside a query block's window are skipped;
+every loop runs in three ranges (``fla.ops.attn.tiles``): tiles crossing the window edge and tiles crossing the
+diagonal or the sequence end are masked, interior tiles (every pair visible) run without a mask.
 
-Numerics: scores in float32 with exp2 (the scale is folded with log2(e)); fp32 accumulators; the logsumexp
-``lse`` [B, HQ, T] (natural log, float32) is saved for the backward. Dots take their operands in the input dtype;
-for float32 inputs they run with ``input_precision='ieee'`` (no tf32), so fp32 results match the reference to ~1e-6.
+Numerics: scores in float32 with exp2 (the scale is folded with log2(e)); fp32 accumulators; the base-2 logsumexp
+``lse`` [B, HQ, T] (float32) is saved for the backward. Dots take their operands in the input dtype; for float32
+inputs they run with ``input_precision='ieee'`` (no tf32), so fp32 results match the reference to ~1e-6.
 
 Backward (no atomics):
     delta = rowsum(o * do)                                   (float32, [B, HQ, T])
     dkdv kernel, per (key block, kv head): loops over the G query heads of the group and over the query blocks that
-        see the key block;  computes P^T = exp(K Q^T * scale - lse) directly in transposed form (Q^T and dO^T are
-        loaded transposed from memory, never produced by tl.trans of a dot result):
+        see the key block; P^T = exp2(K Q^T * scale * log2(e) - lse) in transposed form:
         dV += P^T dO,   dP^T = V dO^T,   dS^T = P^T * (dP^T - delta),   dK += dS^T Q * scale
     dq kernel, per (query block, q head): dQ = sum_blocks (P * (dO V^T - delta)) K * scale
+Transposed operands are ``tl.trans`` of loaded tiles; each tile is loaded once.
+Tiles, warps and stages of each kernel come from ``launch_config`` (overridable per call for tuning).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla.ops.attn.tiles import dkdv_query_range, dq_key_range, fwd_key_range, key_tile_split, query_tile_split
 from fla.ops.utils.index import prepare_chunk_indices
 from fla.utils import triton_interpreting
 
@@ -64,51 +68,38 @@ def _attn_fwd_kernel(
     i_m, bos, T = _block_span(i_m, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + (bos - i_b * T_full)
 
-    o_m = i_m * BM + tl.arange(0, BM)
+    t0 = i_m * BM
+    o_m = t0 + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_m = o_m < T
     m_k = o_k < DK
     m_v = o_v < DV
 
-    p_q = Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_k[None, :], other=0.0)
-
+    b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
+                  mask=m_m[:, None] & m_k[None, :], other=0.0)
     b_mi = tl.full([BM], -1e30, dtype=tl.float32)
     b_li = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
 
-    hi = tl.minimum((i_m + 1) * BM, T)
+    hi = tl.minimum(t0 + BM, T)
     lo = 0
     if USE_WINDOW:
-        lo = tl.maximum(i_m * BM - WINDOW + 1, 0) // BN * BN
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < T
-        # K^T tile [BK, BN], loaded transposed
-        p_kt = K + (bos + o_n[None, :]) * (H * DK) + i_h * DK + o_k[:, None]
-        b_kt = tl.load(p_kt, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        p_v = Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :]
-        b_v = tl.load(p_v, mask=m_n[:, None] & m_v[None, :], other=0.0)
-
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
-        if USE_WINDOW:
-            allowed = allowed & (o_m[:, None] - o_n[None, :] < WINDOW)
-        b_s = tl.where(allowed, b_s, float("-inf"))
-        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mnew[:, None])
-        b_alpha = tl.exp2(b_mi - b_mnew)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_mi = b_mnew
+        lo = tl.maximum(t0 - WINDOW + 1, 0) // BN * BN
+    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW, BM, BN, USE_WINDOW)
+    # tiles crossing the window edge (masked), interior tiles (no mask), tiles crossing the diagonal (masked)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, lo, mid_lo, T, WINDOW,
+                                      qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, mid_lo, mid_hi, T,
+                                      WINDOW, qk_scale, H, DK, DV, BN, BK, BV, False, USE_WINDOW, False, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, mid_hi, hi, T, WINDOW,
+                                      qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
 
     b_li = tl.where(b_li > 0, b_li, 1.0)
     b_o = b_acc / b_li[:, None]
     p_o = O + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :]
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
-    b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
-    tl.store(LSE + lse_base + o_m, b_lse, mask=m_m)
+    tl.store(LSE + lse_base + o_m, b_mi + tl.log2(b_li), mask=m_m)  # base 2
 
 
 @triton.jit
@@ -144,7 +135,8 @@ def _attn_bwd_dkdv_kernel(
     i_n_blk, bos, T = _block_span(i_n_blk, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     lse_off = bos - i_b * T_full
 
-    o_n = i_n_blk * BN + tl.arange(0, BN)
+    j0 = i_n_blk * BN
+    o_n = j0 + tl.arange(0, BN)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_n = o_n < T
@@ -158,37 +150,25 @@ def _attn_bwd_dkdv_kernel(
     b_dk = tl.zeros([BN, BK], dtype=tl.float32)
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
 
-    lo = (i_n_blk * BN) // BM * BM
+    lo = j0 // BM * BM
     hi = T
     if USE_WINDOW:
-        hi = tl.minimum(T, (i_n_blk + 1) * BN - 1 + WINDOW)
+        hi = tl.minimum(T, j0 + BN - 1 + WINDOW)
+    mid_lo, mid_hi = query_tile_split(j0, lo, hi, T, WINDOW, BM, BN, USE_WINDOW)
     for i_g in range(G):
         i_hq = i_h * G + i_g
         lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + lse_off
-        for start in range(lo, hi, BM):
-            o_m = start + tl.arange(0, BM)
-            m_m = o_m < T
-            # Q^T [BK, BM] and dO^T [BV, BM] loaded transposed; Q [BM, BK] and dO [BM, BV] loaded as stored
-            p_qt = Q + (bos + o_m[None, :]) * (HQ * DK) + i_hq * DK + o_k[:, None]
-            b_qt = tl.load(p_qt, mask=m_k[:, None] & m_m[None, :], other=0.0)
-            p_q = Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :]
-            b_q = tl.load(p_q, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            p_dot = DO + (bos + o_m[None, :]) * (HQ * DV) + i_hq * DV + o_v[:, None]
-            b_dot = tl.load(p_dot, mask=m_v[:, None] & m_m[None, :], other=0.0)
-            p_do = DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :]
-            b_do = tl.load(p_do, mask=m_m[:, None] & m_v[None, :], other=0.0)
-            b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0) * 1.4426950408889634
-            b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
-
-            b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
-            allowed = (o_n[:, None] <= o_m[None, :]) & m_m[None, :] & m_n[:, None]
-            if USE_WINDOW:
-                allowed = allowed & (o_m[None, :] - o_n[:, None] < WINDOW)
-            b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dpt = tl.dot(b_v, b_dot, input_precision=PRECISION)  # [BN, BM]
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+        # tiles crossing the diagonal (masked), interior tiles (no mask), tiles crossing the window edge or the
+        # sequence end (masked)
+        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n, lo,
+                                      mid_lo, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, True, USE_WINDOW, False,
+                                      PRECISION)
+        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n,
+                                      mid_lo, mid_hi, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, False, USE_WINDOW,
+                                      False, PRECISION)
+        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n,
+                                      mid_hi, hi, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, True, USE_WINDOW,
+                                      False, PRECISION)
 
     b_dk = b_dk * scale
     tl.store(DK_out + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
@@ -213,7 +193,8 @@ def _attn_bwd_dq_kernel(
     i_m, bos, T = _block_span(i_m, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + (bos - i_b * T_full)
 
-    o_m = i_m * BM + tl.arange(0, BM)
+    t0 = i_m * BM
+    o_m = t0 + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_m = o_m < T
@@ -224,50 +205,61 @@ def _attn_bwd_dq_kernel(
                   mask=m_m[:, None] & m_k[None, :], other=0.0)
     b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
                    mask=m_m[:, None] & m_v[None, :], other=0.0)
-    b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+    b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
     b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
 
-    hi = tl.minimum((i_m + 1) * BM, T)
+    hi = tl.minimum(t0 + BM, T)
     lo = 0
     if USE_WINDOW:
-        lo = tl.maximum(i_m * BM - WINDOW + 1, 0) // BN * BN
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < T
-        b_kt = tl.load(K + (bos + o_n[None, :]) * (H * DK) + i_h * DK + o_k[:, None],
-                       mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                      mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_vt = tl.load(Vp + (bos + o_n[None, :]) * (H * DV) + i_h * DV + o_v[:, None],
-                       mask=m_v[:, None] & m_n[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :] & m_m[:, None]
-        if USE_WINDOW:
-            allowed = allowed & (o_m[:, None] - o_n[None, :] < WINDOW)
-        b_p = tl.where(allowed, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+        lo = tl.maximum(t0 - WINDOW + 1, 0) // BN * BN
+    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW, BM, BN, USE_WINDOW)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, lo, mid_lo, T, WINDOW, qk_scale,
+                        H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, mid_lo, mid_hi, T, WINDOW,
+                        qk_scale, H, DK, DV, BN, BK, BV, False, USE_WINDOW, False, PRECISION)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, mid_hi, hi, T, WINDOW, qk_scale,
+                        H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
 
     b_dq = b_dq * scale
     tl.store(DQ + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
              b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])
 
 
-def _config(q: torch.Tensor) -> Tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) of the forward; small blocks under the interpreter (tests exercise several
-    blocks per sequence at T <= 128)."""
-    if triton_interpreting():
-        return 32, 16, 4, 1
-    return 64, 64, 4, 2
+Config = Tuple[int, int, int, int]
 
 
-def _bwd_config(q: torch.Tensor) -> Tuple[int, int, int, int]:
+def launch_config(kernel: str, DK: int, DV: int, windowed: bool = False, fp32: bool = False) -> Config:
+    """(BM, BN, num_warps, num_stages) of one kernel: ``kernel`` in 'fwd', 'dkdv', 'dq' (BM: query tile, BN: key
+    tile); ``windowed``: a sliding window (fewer tiles per row, more of them masked); ``fp32``: float32 inputs
+    (ieee dots: twice the registers per tile). The one place tiles are chosen; ``attn_fwd`` / ``attn_bwd`` take
+    overrides for tuning.
+
+    - bf16 / fp16, head dims <= 64 (the paper's models): the fastest correct candidates of
+      ``python -m benchmarks.ops.tune_attn`` on an H200 (B8-T4096-H16-D64 and HQ32-H8;
+      ``benchmarks/results/ops/tune_attn*.txt``).
+    - float32, and head dims up to 128: tiles that compile without register spills (or with a few hundred bytes)
+      for sm_90 (``python -m benchmarks.ops.kernel_resources``); larger tiles spilled up to 78 KB per thread, and
+      ptxas then took minutes per kernel. Chosen statically, not timed.
+    - wider heads: the configurations their interpreter tests use at GPU size (not run on a GPU).
+    Under the interpreter, small unequal tiles so that tests at T <= 130 cross masked and interior tiles."""
     if triton_interpreting():
-        return 16, 32, 4, 1
-    # num_warps=8: FLA #984 saw Hopper miscompiles of a backward at num_warps=4 (to be proven on the GPU)
-    return 64, 64, 8, 1
+        return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kernel]
+    D = max(DK, DV)
+    if fp32 and D <= 128:
+        if kernel == "fwd":
+            return 32, 64, 8, 2
+        if D <= 64:
+            return (16, 32, 4, 2) if kernel == "dkdv" else (32, 32, 4, 2)
+        return (16, 16, 4, 2) if kernel == "dkdv" else (32, 16, 4, 2)
+    if D <= 64:
+        if kernel == "fwd":
+            return (64, 64, 4, 3) if windowed else (128, 64, 8, 3)
+        # dkdv (64, 128, 4, 3) was 2% faster than (32, 64, 4, 3) for full MHA but 4x slower with GQA (HQ32-H8)
+        return (32, 64, 4, 3) if kernel == "dkdv" else (64, 32, 4, 3)
+    if D <= 128:
+        return {"fwd": (64, 64, 8, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 32, 4, 2)}[kernel]
+    return (64, 32, 8, 2) if kernel == "fwd" else (32, 32, 8, 1)
 
 
 def _dims(q: torch.Tensor, v: torch.Tensor) -> Tuple[int, int]:
@@ -286,16 +278,19 @@ def _grid_rows(cu_seqlens: Optional[torch.Tensor], T: int, block: int):
     return chunk_indices.shape[0], chunk_indices
 
 
-def attn_fwd(q, k, v, scale: float, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor]):
+def attn_fwd(q, k, v, scale: float, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor],
+             config: Optional[Config] = None):
     """q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V] contiguous
-    -> (o [B, T, HQ, V] in q.dtype, lse [B, HQ, T] float32, natural log)."""
+    -> (o [B, T, HQ, V] in q.dtype, lse [B, HQ, T] float32, base 2). ``config``: (BM, BN, num_warps, num_stages),
+    default ``launch_config('fwd', ...)``."""
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[-1]
     o = torch.empty((B, T, HQ, DV), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
     if B * T == 0:
         return o, lse
-    BM, BN, num_warps, num_stages = _config(q)
+    fp32 = q.dtype == torch.float32
+    BM, BN, num_warps, num_stages = config or launch_config("fwd", DK, DV, window_size is not None, fp32)
     BK, BV = _dims(q, v)
     n_blocks, chunk_indices = _grid_rows(cu_seqlens, T, BM)
     _attn_fwd_kernel[(n_blocks, B * HQ)](
@@ -307,8 +302,10 @@ def attn_fwd(q, k, v, scale: float, window_size: Optional[int], cu_seqlens: Opti
     return o, lse
 
 
-def attn_bwd(q, k, v, o, lse, do, scale: float, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor]):
-    """Gradients (dq, dk, dv) in the dtypes of q, k, v; all inputs contiguous."""
+def attn_bwd(q, k, v, o, lse, do, scale: float, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor],
+             dkdv_config: Optional[Config] = None, dq_config: Optional[Config] = None):
+    """Gradients (dq, dk, dv) in the dtypes of q, k, v; all inputs contiguous; ``lse`` base 2 as ``attn_fwd``
+    returns it. Config overrides as ``attn_fwd``'s (defaults from ``launch_config``)."""
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[-1]
     dq = torch.empty_like(q)
@@ -322,14 +319,17 @@ def attn_bwd(q, k, v, o, lse, do, scale: float, window_size: Optional[int], cu_s
     BR = max(1, min(64, 4096 // BV))
     _attn_bwd_preprocess_kernel[(triton.cdiv(M, BR),)](o, do, delta, M, HQ=HQ, DV=DV, T_full=T, BR=BR, BV=BV)
 
-    BM, BN, num_warps, num_stages = _bwd_config(q)
-    common = dict(HQ=HQ, H=H, G=HQ // H, DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV,
-                  IS_VARLEN=cu_seqlens is not None, USE_WINDOW=window_size is not None, PRECISION=_precision(q),
-                  num_warps=num_warps, num_stages=num_stages)
+    fp32 = q.dtype == torch.float32
+    common = dict(HQ=HQ, H=H, G=HQ // H, DK=DK, DV=DV, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
+                  USE_WINDOW=window_size is not None, PRECISION=_precision(q))
+    BM, BN, num_warps, num_stages = dkdv_config or launch_config("dkdv", DK, DV, window_size is not None, fp32)
     n_kblocks, k_chunks = _grid_rows(cu_seqlens, T, BN)
     _attn_bwd_dkdv_kernel[(n_kblocks, B * H)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, k_chunks, scale * LOG2E, scale, T, window_size or 1, **common)
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, k_chunks, scale * LOG2E, scale, T, window_size or 1,
+        BM=BM, BN=BN, num_warps=num_warps, num_stages=num_stages, **common)
+    BM, BN, num_warps, num_stages = dq_config or launch_config("dq", DK, DV, window_size is not None, fp32)
     n_qblocks, q_chunks = _grid_rows(cu_seqlens, T, BM)
     _attn_bwd_dq_kernel[(n_qblocks, B * HQ)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, q_chunks, scale * LOG2E, scale, T, window_size or 1, **common)
+        q, k, v, do, lse, delta, dq, cu_seqlens, q_chunks, scale * LOG2E, scale, T, window_size or 1,
+        BM=BM, BN=BN, num_warps=num_warps, num_stages=num_stages, **common)
     return dq, dk, dv

@@ -42,7 +42,9 @@ Kernels and grids:
     dq          ``_lte_bwd_dq_kernel``     (query blocks, B*HQ): mirrors the forward's two stages.
 The two dkdv kernels partition the visible pairs by i - j <= w / > w, the forward and dq by the key position
 relative to lo; both partitions are exact, so every pair is counted once. No atomics. Operands of every dot are
-loaded from memory in the orientation needed (never ``tl.trans`` of a dot result: Hopper miscompile, FLA #640).
+loaded once; transposed operands are ``tl.trans`` of loaded tiles (never of a dot result: FLA #640). The tile
+steps and the masked / interior split of the window stage are ``fla.ops.attn.tiles``' (interior tiles, where
+every pair is inside the window, run without a mask).
 
 Cost model (per (b, query head), sequence length T, window w, selection fraction f, head dims K, V; sliding-window
 attention (SWA) with the same w as baseline, whose forward costs ~ 2 T (w + 1.5 BM) (K + V) flops with BM = BN):
@@ -71,6 +73,8 @@ import triton
 import triton.language as tl
 
 from fla.ops.attn.parallel_kernels import _attn_bwd_preprocess_kernel, _block_span, _dims, _grid_rows, _precision
+from fla.ops.attn.tiles import (dkdv_query_range, dkdv_tile, dq_key_range, dq_tile, fwd_key_range, key_tile_split,
+                                query_tile_split, softmax_tile)
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -122,38 +126,20 @@ def _lte_fwd_kernel(
         o_c = c0 + tl.arange(0, BN)
         m_c = o_c < c_hi
         b_pos = tl.load(POS + pos_base + o_c, mask=m_c, other=0).to(tl.int64)
-        b_kt = tl.load(K + (row0 + b_pos[None, :]) * (H * DK) + i_h * DK + o_k[:, None],
-                       mask=m_k[:, None] & m_c[None, :], other=0.0)
+        b_k = tl.load(K + (row0 + b_pos[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
+                      mask=m_c[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(Vp + (row0 + b_pos[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
                       mask=m_c[:, None] & m_v[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        b_s = tl.where(m_c[None, :], b_s, float("-inf"))
-        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mnew[:, None])
-        b_alpha = tl.exp2(b_mi - b_mnew)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_mi = b_mnew
+        b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, m_c[None, :], qk_scale, True, PRECISION)
 
-    # window stage: key tiles [lo, t0 + BM) with the full LTE mask
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < T
-        b_sel = tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0
-        b_kt = tl.load(K + (bos + o_n[None, :]) * (H * DK) + i_h * DK + o_k[:, None],
-                       mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                      mask=m_n[:, None] & m_v[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :] & \
-            (((o_m[:, None] - o_n[None, :]) <= WINDOW) | b_sel[None, :])
-        b_s = tl.where(allowed, b_s, float("-inf"))
-        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mnew[:, None])
-        b_alpha = tl.exp2(b_mi - b_mnew)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_mi = b_mnew
+    # window stage: key tiles [lo, t0 + BM); edge and diagonal tiles with the full LTE mask, interior unmasked
+    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW + 1, BM, BN, True)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, mid_lo, T,
+                                      WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_lo, mid_hi,
+                                      T, WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, False, True, True, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_hi, hi, T,
+                                      WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
 
     b_li = tl.where(b_li > 0, b_li, 1.0)
     b_o = b_acc / b_li[:, None]
@@ -209,36 +195,19 @@ def _lte_bwd_dq_kernel(
         o_c = c0 + tl.arange(0, BN)
         m_c = o_c < c_hi
         b_pos = tl.load(POS + pos_base + o_c, mask=m_c, other=0).to(tl.int64)
-        b_kt = tl.load(K + (row0 + b_pos[None, :]) * (H * DK) + i_h * DK + o_k[:, None],
-                       mask=m_k[:, None] & m_c[None, :], other=0.0)
         b_k = tl.load(K + (row0 + b_pos[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
                       mask=m_c[:, None] & m_k[None, :], other=0.0)
-        b_vt = tl.load(Vp + (row0 + b_pos[None, :]) * (H * DV) + i_h * DV + o_v[:, None],
-                       mask=m_v[:, None] & m_c[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        allowed = m_c[None, :] & m_m[:, None]
-        b_p = tl.where(allowed, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+        b_v = tl.load(Vp + (row0 + b_pos[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
+                      mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, m_c[None, :], qk_scale, True, PRECISION)
 
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < T
-        b_sel = tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0
-        b_kt = tl.load(K + (bos + o_n[None, :]) * (H * DK) + i_h * DK + o_k[:, None],
-                       mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                      mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_vt = tl.load(Vp + (bos + o_n[None, :]) * (H * DV) + i_h * DV + o_v[:, None],
-                       mask=m_v[:, None] & m_n[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :] & m_m[:, None] & \
-            (((o_m[:, None] - o_n[None, :]) <= WINDOW) | b_sel[None, :])
-        b_p = tl.where(allowed, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW + 1, BM, BN, True)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, mid_lo, T,
+                        WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_lo, mid_hi, T,
+                        WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, False, True, True, PRECISION)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_hi, hi, T,
+                        WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
 
     b_dq = b_dq * scale
     tl.store(DQ + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
@@ -292,25 +261,16 @@ def _lte_bwd_dkdv_selected_kernel(
             for start in range(q_lo, q_hi, BM):
                 o_m = start + tl.arange(0, BM)
                 m_m = o_m < q_hi
-                p_qt = Q + (row0 + o_m[None, :]) * (HQ * DK) + i_hq * DK + o_k[:, None]
-                b_qt = tl.load(p_qt, mask=m_k[:, None] & m_m[None, :], other=0.0)
-                p_q = Q + (row0 + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :]
-                b_q = tl.load(p_q, mask=m_m[:, None] & m_k[None, :], other=0.0)
-                p_dot = DO + (row0 + o_m[None, :]) * (HQ * DV) + i_hq * DV + o_v[:, None]
-                b_dot = tl.load(p_dot, mask=m_v[:, None] & m_m[None, :], other=0.0)
-                p_do = DO + (row0 + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :]
-                b_do = tl.load(p_do, mask=m_m[:, None] & m_v[None, :], other=0.0)
+                b_q = tl.load(Q + (row0 + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_do = tl.load(DO + (row0 + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
+                               mask=m_m[:, None] & m_v[None, :], other=0.0)
                 b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
                 b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
-
-                b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BC, BM]
                 allowed = m_c[:, None] & m_m[None, :] & ((o_m[None, :] - b_pos[:, None]) > WINDOW) & \
                     (o_m[None, :] < b_eos[:, None])
-                b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
-                b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-                b_dpt = tl.dot(b_v, b_dot, input_precision=PRECISION)
-                b_dst = b_pt * (b_dpt - b_delta[None, :])
-                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+                b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, allowed, qk_scale, True,
+                                       PRECISION)
         tl.store(DKC + (pos_base + o_c[:, None]) * DK + o_k[None, :], b_dk, mask=m_c[:, None] & m_k[None, :])
         tl.store(DVC + (pos_base + o_c[:, None]) * DV + o_v[None, :], b_dv, mask=m_c[:, None] & m_v[None, :])
 
@@ -353,31 +313,19 @@ def _lte_bwd_dkdv_window_kernel(
 
     lo = j0 // BM * BM
     hi = tl.minimum(T, j0 + BN + WINDOW)
+    mid_lo, mid_hi = query_tile_split(j0, lo, hi, T, WINDOW + 1, BM, BN, True)
     for i_g in range(G):
         i_hq = i_h * G + i_g
         lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + row_off
-        for start in range(lo, hi, BM):
-            o_m = start + tl.arange(0, BM)
-            m_m = o_m < T
-            p_qt = Q + (bos + o_m[None, :]) * (HQ * DK) + i_hq * DK + o_k[:, None]
-            b_qt = tl.load(p_qt, mask=m_k[:, None] & m_m[None, :], other=0.0)
-            p_q = Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :]
-            b_q = tl.load(p_q, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            p_dot = DO + (bos + o_m[None, :]) * (HQ * DV) + i_hq * DV + o_v[:, None]
-            b_dot = tl.load(p_dot, mask=m_v[:, None] & m_m[None, :], other=0.0)
-            p_do = DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :]
-            b_do = tl.load(p_do, mask=m_m[:, None] & m_v[None, :], other=0.0)
-            b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
-            b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
-
-            b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
-            allowed = (o_n[:, None] <= o_m[None, :]) & ((o_m[None, :] - o_n[:, None]) <= WINDOW) & \
-                m_m[None, :] & m_n[:, None]
-            b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dpt = tl.dot(b_v, b_dot, input_precision=PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
+                                      o_n, lo, mid_lo, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV, True, True,
+                                      False, PRECISION)
+        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
+                                      o_n, mid_lo, mid_hi, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV, False,
+                                      True, False, PRECISION)
+        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
+                                      o_n, mid_hi, hi, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV, True, True,
+                                      False, PRECISION)
 
     # epilogue: the selected keys' contributions from queries beyond the window, then the score gradient
     b_sel = (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0) & m_n
@@ -395,20 +343,26 @@ def _lte_bwd_dkdv_window_kernel(
     tl.store(DSCORE + (bos + o_n) * H + i_h, b_dscore, mask=m_n)
 
 
-def launch_config(stage: str, DK: int, DV: int) -> Tuple[int, int, int, int]:
+def launch_config(stage: str, DK: int, DV: int, fp32: bool = False) -> Tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of one kernel: ``stage`` in 'fwd', 'dq', 'dkdv' (window), 'dkdv_sel'
-    (BN is then the compact tile BC). The single place where GPU diagnosis varies tiles, warps and stages.
+    (BN is then the compact tile BC); ``fp32``: float32 inputs. The single place tiles, warps and stages are chosen,
+    on the same grounds as ``fla.ops.attn.parallel_kernels.launch_config``: bf16 / fp16 with head dims <= 64 timed
+    (``python -m benchmarks.ops.tune_attn``), float32 and head dims up to 128 chosen to compile for sm_90 with no or
+    few register spills (``python -m benchmarks.ops.kernel_resources``), wider heads as before.
 
     Under the interpreter, small and unequal tiles so that tests at T <= 130 cross many tile boundaries."""
     if triton_interpreting():
         return {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dkdv_sel": (16, 16, 4, 1)}[stage]
     D = max(DK, DV)
-    if stage == "fwd":
-        return (64, 64, 4, 2) if D <= 128 else (64, 32, 8, 2)
-    # num_warps=8 in the backward: FLA #984 saw Hopper miscompiles of a backward at num_warps=4 (to be proven)
+    if fp32 and D <= 128:
+        if stage == "fwd":
+            return 32, 64, 8, 2
+        return (16, 16, 4, 2) if stage == "dkdv" and D > 64 else (16, 32, 4, 2)
     if D <= 64:
-        return 64, 64, 8, 1
-    return (64, 64, 8, 1) if D <= 128 else (32, 32, 8, 1)
+        return {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dkdv_sel": (32, 64, 4, 3), "dq": (64, 32, 4, 3)}[stage]
+    if D <= 128:
+        return {"fwd": (64, 64, 8, 2), "dkdv": (32, 16, 4, 2), "dkdv_sel": (32, 32, 4, 2), "dq": (32, 16, 4, 2)}[stage]
+    return (64, 32, 8, 2) if stage == "fwd" else (32, 32, 8, 1)
 
 
 def build_selected_index(selected: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
@@ -439,7 +393,7 @@ def lte_fwd(q, k, v, index, scale: float, window_size: int, cu_seqlens):
     sel, cnt, pos, _ = index
     o = torch.empty((B, T, HQ, DV), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
-    BM, BN, num_warps, num_stages = launch_config("fwd", DK, DV)
+    BM, BN, num_warps, num_stages = launch_config("fwd", DK, DV, q.dtype == torch.float32)
     BK, BV = _dims(q, v)
     n_blocks, chunk_indices = _grid_rows(cu_seqlens, T, BM)
     _lte_fwd_kernel[(n_blocks, B * HQ)](
@@ -472,14 +426,14 @@ def lte_bwd(q, k, v, o, lse, do, index, scale: float, window_size: int, cu_seqle
     # compact partials: written for every compact entry < count, read only for those
     dkc = torch.empty((B * H, T, DK), device=q.device, dtype=torch.float32)
     dvc = torch.empty((B * H, T, DV), device=q.device, dtype=torch.float32)
-    BM, BC, num_warps, num_stages = launch_config("dkdv_sel", DK, DV)
+    BM, BC, num_warps, num_stages = launch_config("dkdv_sel", DK, DV, q.dtype == torch.float32)
     _lte_bwd_dkdv_selected_kernel[(triton.cdiv(T, BC), B * H)](
         q, k, v, do, lse, delta, cnt, pos, eos, dkc, dvc, scale * LOG2E, T, window_size,
         HQ=HQ, H=H, G=G, DK=DK, DV=DV, BM=BM, BC=BC, BK=BK, BV=BV, IS_VARLEN=varlen, PRECISION=prec,
         num_warps=num_warps, num_stages=num_stages,
     )
 
-    BM, BN, num_warps, num_stages = launch_config("dkdv", DK, DV)
+    BM, BN, num_warps, num_stages = launch_config("dkdv", DK, DV, q.dtype == torch.float32)
     n_kblocks, k_chunks = _grid_rows(cu_seqlens, T, BN)
     _lte_bwd_dkdv_window_kernel[(n_kblocks, B * H)](
         q, k, v, do, lse, delta, sel, cnt, dkc, dvc, dk, dv, dscore, cu_seqlens, k_chunks,
@@ -488,7 +442,7 @@ def lte_bwd(q, k, v, o, lse, do, index, scale: float, window_size: int, cu_seqle
         num_warps=num_warps, num_stages=num_stages,
     )
 
-    BM, BN, num_warps, num_stages = launch_config("dq", DK, DV)
+    BM, BN, num_warps, num_stages = launch_config("dq", DK, DV, q.dtype == torch.float32)
     n_qblocks, q_chunks = _grid_rows(cu_seqlens, T, BM)
     _lte_bwd_dq_kernel[(n_qblocks, B * HQ)](
         q, k, v, do, lse, delta, sel, cnt, pos, dq, cu_seqlens, q_chunks, scale * LOG2E, scale, T, window_size,

@@ -118,14 +118,20 @@ def test_parallel_attn_strided_inputs(backend, device):
     assert_close("dqkv", g, g_ref, 1e-5)
 
 
-@pytest.mark.parametrize("window,cu", [(None, None), (50, None), (None, [0, 17, 64, 130]), (70, [0, 65, 66, 130])])
-def test_parallel_attn_triton_gpu_blocks(monkeypatch, device, window, cu):
-    """The Triton kernels with the block sizes they use on the GPU (64 x 64), interpreted."""
+# GPU-sized tiles (BM, BN) per kernel: square, and unequal in both directions
+GPU_TILES = {"square": {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)},
+             "unequal": {"fwd": (128, 64), "dkdv": (32, 128), "dq": (128, 32)}}
+
+
+@pytest.mark.parametrize("tiles", sorted(GPU_TILES))
+@pytest.mark.parametrize("window,cu", [(None, None), (50, None), (None, [0, 17, 64, 130]), (70, [0, 65, 66, 130]),
+                                       (1, None), (200, [0, 3, 130])])
+def test_parallel_attn_triton_gpu_blocks(monkeypatch, device, window, cu, tiles):
+    """The Triton kernels with tile sizes used on the GPU, interpreted (masked and interior tile ranges)."""
     import fla.ops.attn.parallel_kernels as kernels
 
     monkeypatch.setenv("FLA_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "_config", lambda q: (64, 64, 4, 2))
-    monkeypatch.setattr(kernels, "_bwd_config", lambda q: (64, 64, 8, 1))
+    monkeypatch.setattr(kernels, "launch_config", lambda kernel, DK, DV, windowed=False, fp32=False: (*GPU_TILES[tiles][kernel], 4, 1))
     B = 2 if cu is None else 1
     q, k, v = inputs(B, 130, 4, 2, 64, 64, torch.bfloat16, device)
     check(q, k, v, window_size=window, cu_seqlens=None if cu is None else torch.tensor(cu, device=device))

@@ -103,6 +103,23 @@ def test_lte_attn_triton_varlen(device, window, cu):
         assert_close(f"doc {s}:{e}", o[:, s:e], o_doc, 1e-5)
 
 
+GPU_TILES = {"square": {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64), "dkdv_sel": (64, 64)},
+             "unequal": {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32), "dkdv_sel": (32, 32)}}
+
+
+@pytest.mark.parametrize("tiles", sorted(GPU_TILES))
+@pytest.mark.parametrize("window,cu", [(100, None), (150, [0, 70, 261])], ids=["w100", "w150-varlen"])
+def test_lte_attn_triton_gpu_tiles(monkeypatch, device, tiles, window, cu):
+    """GPU-sized tiles, interpreted: windows wide enough for interior (unmasked) tiles beside the masked ones."""
+    import fla.ops.lte.parallel_kernels as kernels
+
+    monkeypatch.setattr(kernels, "launch_config", lambda stage, DK, DV, fp32=False: (*GPU_TILES[tiles][stage], 4, 1))
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=device, dtype=torch.int32)
+    q, k, v, score, selected = inputs(1, 261, 2, 1, 32, 32, 0.15, torch.float32, device, sinks=2,
+                                      cu_seqlens=cu_seqlens)
+    check(q, k, v, score, selected, window, cu_seqlens)
+
+
 def test_lte_attn_triton_empty(device):
     q, k, v, score, selected = inputs(1, 0, 2, 1, 16, 16, 0.5, torch.float32, device)
     q, k, v, score = (t.requires_grad_(True) for t in (q, k, v, score))

@@ -1,0 +1,206 @@
+"""Tile steps shared by the flash-attention style kernels (``fla.ops.attn.parallel_kernels``,
+``fla.ops.lte.parallel_kernels``): one key tile of the forward's online softmax, one tile of the dq loop and one
+query tile of the dk / dv loop, plus the split of a tile loop into masked and unmasked ranges.
+
+Every step takes ``MASK`` (constexpr): with ``MASK=False`` the ``allowed`` argument is ignored and the step does no
+``tl.where`` (interior tiles, where every pair is visible); with ``MASK=True`` pairs where ``allowed`` is false get
+probability 0. Scores are base 2: ``qk_scale`` = softmax scale * log2(e), ``lse`` base 2. Dots take their operands
+in the input dtype with ``PRECISION`` ('ieee' for float32 inputs, so no tf32), accumulators are float32.
+Transposed operands are ``tl.trans`` of loaded tiles (never of a dot result: FLA #640).
+
+Window ``W`` in the splits and ranges: query i sees key j when 0 <= i - j < W (the LTE kernels pass their w + 1);
+with ``HAS_SEL`` a key outside the window is still visible when its ``SEL`` byte is non-zero (LTE's selected keys).
+
+Layout of the range loops: q / do rows at ``(bos + t) * (HQ * D) + i_hq * D``, k / v rows at
+``(bos + t) * (H * D) + i_h * D``; lse (base 2) and delta rows at ``lse_base + t``; ``SEL`` bytes at
+``sel_base + t``. Masked ranges also mask the sequence end ``T`` (with packed sequences the next rows belong to
+another document).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, allowed, qk_scale,
+                 MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax. b_q [BM, K], b_k [BN, K], b_v [BN, V]; running max b_mi [BM], sum b_li
+    [BM] and b_acc [BM, V] (float32) -> their updates."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    if MASK:
+        b_s = tl.where(allowed, b_s, float("-inf"))
+    b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
+    b_p = tl.exp2(b_s - b_mnew[:, None])
+    b_alpha = tl.exp2(b_mi - b_mnew)
+    b_li = b_li * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return b_mnew, b_li, b_acc
+
+
+@triton.jit
+def dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, allowed, qk_scale,
+            MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of dq (unscaled): b_q [BM, K], b_do [BM, V], b_k [BN, K], b_v [BN, V], b_lse / b_delta [BM]
+    -> b_dq [BM, K] + (P * (dO V^T - delta)) K."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    b_p = tl.exp2(b_s - b_lse[:, None])
+    if MASK:
+        b_p = tl.where(allowed, b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+
+
+@triton.jit
+def dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, allowed, qk_scale,
+              MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile of dk (unscaled) and dv, in transposed form: b_k [BN, K], b_v [BN, V], b_q [BM, K],
+    b_do [BM, V], b_lse / b_delta [BM], ``allowed`` [BN, BM] -> (b_dk + dS^T Q, b_dv + P^T dO)."""
+    b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale - b_lse[None, :])
+    if MASK:
+        b_pt = tl.where(allowed, b_pt, 0.0)
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit
+def key_tile_split(t0, lo, hi, W, BM: tl.constexpr, BN: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """Key tiles [lo, hi) of the query tile [t0, t0 + BM) (lo a multiple of BN) -> (b, c): tiles in [lo, b) cross
+    the window edge, [b, c) are wholly visible to every row of the query tile (no mask), [c, hi) cross the diagonal
+    or the sequence end. Interior tiles end at or before row t0 and start at or after t0 + BM - W."""
+    c = (t0 + 1) // BN * BN
+    b = lo
+    if USE_WINDOW:
+        b = (tl.maximum(t0 + BM - W, 0) + BN - 1) // BN * BN
+    b = tl.minimum(tl.maximum(b, lo), hi)
+    c = tl.minimum(tl.maximum(c, b), hi)
+    return b, c
+
+
+@triton.jit
+def query_tile_split(j0, lo, hi, T, W, BM: tl.constexpr, BN: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """Query tiles [lo, hi) of the key tile [j0, j0 + BN) (lo a multiple of BM) -> (b, c): [lo, b) cross the diagonal,
+    [b, c) see every key of the tile and lie before the sequence end T (no mask), [c, hi) cross the window edge or
+    the sequence end. Interior tiles start at or after row j0 + BN - 1 and end at or before j0 + W."""
+    b = (j0 + BN - 1 + BM - 1) // BM * BM
+    c = T // BM * BM
+    if USE_WINDOW:
+        c = tl.minimum(c, (j0 + W) // BM * BM)
+    b = tl.minimum(tl.maximum(b, lo), hi)
+    c = tl.minimum(tl.maximum(c, b), hi)
+    return b, c
+
+
+@triton.jit
+def fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, hi, T, W, qk_scale,
+                  H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Online softmax of the query rows ``o_m`` over the key tiles [lo, hi) (step BN)."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    for start in range(lo, hi, BN):
+        o_n = start + tl.arange(0, BN)
+        if MASK:
+            m_n = o_n < T
+            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
+                          mask=m_n[:, None] & m_k[None, :], other=0.0)
+            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
+                          mask=m_n[:, None] & m_v[None, :], other=0.0)
+            allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
+            if USE_WINDOW:
+                visible = o_m[:, None] - o_n[None, :] < W
+                if HAS_SEL:
+                    visible = visible | (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[None, :]
+                allowed = allowed & visible
+            b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, allowed, qk_scale, True, PRECISION)
+        else:
+            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :], mask=m_k[None, :],
+                          other=0.0)
+            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :], mask=m_v[None, :],
+                          other=0.0)
+            b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, 0, qk_scale, False, PRECISION)
+    return b_mi, b_li, b_acc
+
+
+@triton.jit
+def dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, hi, T, W, qk_scale,
+                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """dq (unscaled) of the query rows ``o_m`` from the key tiles [lo, hi) (step BN)."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    for start in range(lo, hi, BN):
+        o_n = start + tl.arange(0, BN)
+        if MASK:
+            m_n = o_n < T
+            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
+                          mask=m_n[:, None] & m_k[None, :], other=0.0)
+            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
+                          mask=m_n[:, None] & m_v[None, :], other=0.0)
+            allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
+            if USE_WINDOW:
+                visible = o_m[:, None] - o_n[None, :] < W
+                if HAS_SEL:
+                    visible = visible | (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[None, :]
+                allowed = allowed & visible
+            b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, allowed, qk_scale, True, PRECISION)
+        else:
+            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :], mask=m_k[None, :],
+                          other=0.0)
+            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :], mask=m_v[None, :],
+                          other=0.0)
+            b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, 0, qk_scale, False, PRECISION)
+    return b_dq
+
+
+@triton.jit
+def dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq, o_n, lo, hi, T,
+                     W, qk_scale, HQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
+                     HAS_SEL: tl.constexpr, PRECISION: tl.constexpr):
+    """dk (unscaled) and dv of the key rows ``o_n`` from query head ``i_hq``'s query tiles [lo, hi) (step BM)."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    if MASK and HAS_SEL:
+        m_n = o_n < T
+        b_sel = (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[:, None]
+    for start in range(lo, hi, BM):
+        o_m = start + tl.arange(0, BM)
+        if MASK:
+            m_m = o_m < T
+            b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
+                          mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
+                           mask=m_m[:, None] & m_v[None, :], other=0.0)
+            b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
+            b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
+            allowed = (o_n[:, None] <= o_m[None, :]) & m_m[None, :]
+            if USE_WINDOW:
+                visible = o_m[None, :] - o_n[:, None] < W
+                if HAS_SEL:
+                    visible = visible | b_sel
+                allowed = allowed & visible
+            b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, allowed, qk_scale, True,
+                                   PRECISION)
+        else:
+            b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :], mask=m_k[None, :],
+                          other=0.0)
+            b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :], mask=m_v[None, :],
+                           other=0.0)
+            b_lse = tl.load(LSE + lse_base + o_m)
+            b_delta = tl.load(DELTA + lse_base + o_m)
+            b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, 0, qk_scale, False, PRECISION)
+    return b_dk, b_dv

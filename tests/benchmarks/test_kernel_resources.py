@@ -1,0 +1,34 @@
+"""The ahead-of-time resource check compiles a kernel for sm_90 on a CPU-only machine and reads ptxas' report.
+
+Runs in a child process: the test session sets TRITON_INTERPRET=1 (no CUDA), under which jit functions cannot be
+compiled."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SNIPPET = """
+import json
+from benchmarks.ops.kernel_resources import compile_one
+from fla.ops.attn import parallel_kernels as pk
+c = dict(HQ=2, H=2, G=1, DK=32, DV=32, BM=32, BN=32, BK=32, BV=32, IS_VARLEN=False, USE_WINDOW=True, PRECISION="ieee")
+seconds, info = compile_one(pk._attn_fwd_kernel, c, "fp32", False, 4, 2, 90)
+print(json.dumps(info))
+"""
+
+
+def test_compile_one_reports_registers_and_spills():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", SNIPPET], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(info) == {"registers", "spill_stores", "spill_loads"}
+    assert 16 <= info["registers"] <= 255
+    assert info["spill_stores"] >= 0 and info["spill_loads"] >= 0
