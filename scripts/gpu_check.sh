@@ -8,8 +8,9 @@
 #   tests-models (240): layer and model tests on CUDA with the default backends
 #   tests-models-triton (240): the same with FLA_BACKEND=triton (every Triton path, opt-in ones included)
 #   bench-ops (300): python -m benchmarks.ops (fla-core beside ours when .anchor/ holds it)
-#   bench-gen (400): python -m benchmarks.generation, one process per model (merged at the end)
+#   bench-gen (400): python -m benchmarks.generation --cuda-graph, one process per model (merged at the end)
 #   bench-train (300): python -m benchmarks.training at seq 4096 and 16384
+#   tune-attn (300): python -m benchmarks.ops.tune_attn, the tile / warp / stage sweep of the attention and LTE kernels
 #   train-1gpu / train-2gpu (240): the paper's command line on the 0.4B laLTE config, shipped corpus, 30 steps
 # A stage that fails or runs out of time is reported in OUT/summary.txt; the next one still runs.
 # Environment: OUT (required), PYTHON (default python3), PYTEST_WORKERS (xdist workers for tests, default 4),
@@ -75,13 +76,14 @@ run_stage() {  # $1 = name, $2 = limit
       for m in ${GEN_MODELS:-$("$PY" -c 'from benchmarks.generation import MODELS; print(" ".join(MODELS))')}; do
         left=$(( deadline - $(date +%s) ))
         if [ "$left" -le 10 ]; then echo "bench-gen: no time left for $m"; break; fi
-        timeout -k 10 "$left" "$PY" -m benchmarks.generation --models "$m" --out "$OUT/gen-$m" \
+        timeout -k 10 "$left" "$PY" -m benchmarks.generation --models "$m" --cuda-graph --out "$OUT/gen-$m" \
           ${GEN_CONTEXTS:+--contexts "$GEN_CONTEXTS"} && dirs+=("$OUT/gen-$m")
       done
       [ ${#dirs[@]} -gt 0 ] && "$PY" -m benchmarks.generation --merge "${dirs[@]}" --out "$OUT/generation" ;;
     bench-train) timeout -k 10 "$limit" "$PY" -m benchmarks.training --seq-lens "${TRAIN_SEQ_LENS:-4096,16384}" \
       ${TRAIN_PROFILE:+--profile} \
       --out "$OUT/training" ;;
+    tune-attn) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.tune_attn --out "$OUT/tune" ;;
     train-1gpu) train_stage "$limit" 1 ;;
     train-2gpu) train_stage "$limit" 2 ;;
     *) echo "unknown stage $name"; return 2 ;;

@@ -1,7 +1,7 @@
 """Prefill latency, decode tokens/s and peak memory of each model family against context length.
 
     python -m benchmarks.generation [--quick] [--out DIR] [--models transformer,gdn,...] [--batch 1,8]
-                                    [--contexts 1024,...,65536] [--decode-steps 32] [--size 0.4B]
+                                    [--contexts 1024,...,65536] [--decode-steps 32] [--size 0.4B] [--cuda-graph]
 
 Models (random weights, 0.4B paper configs): transformer, gdn, gdn_swa, lansa (GDN + NSA), lalte (GDN + LTE); bf16
 on CUDA, float32 on the CPU. For each (model, batch, context):
@@ -10,12 +10,17 @@ on CUDA, float32 on the CPU. For each (model, batch, context):
     - decode: after that prefill, ``--decode-steps`` calls ``model(next_ids, past_key_values=cache, use_cache=True)``
       (after 3 warm-up steps); median time per step; tokens/s = batch / step time;
     - memory (CUDA only): peak allocated during prefill, peak allocated during decode (weights + cache + step
-      activations), and the cache size (allocated after prefill minus before), in MiB.
+      activations), and the cache size (allocated after prefill minus before), in MiB;
+    - with ``--cuda-graph``, for models whose caches are fixed-size (gdn, gdn_swa, lalte): after the eager decode
+      steps, the step is captured once (``fla.models.graph_decode.GraphDecoder``) and timed the same way through
+      ``GraphDecoder.step`` (as many warm-up and timed steps): ``decode_graph_ms`` / ``decode_graph_tok_s``, empty
+      for models whose caches grow (transformer, lansa). On the CPU the capture is emulated (a ``make_fx`` trace
+      replayed), which checks that the path runs but times no CUDA graph.
 A cell that runs out of memory is recorded as ``oom`` and the larger contexts of that (model, batch) are skipped.
 
 Writes OUT/generation.csv, OUT/generation.json and OUT/{latency,memory,decode}.png (one line per model, one panel
-per batch size; device, date and versions on the figure). Default OUT: benchmarks/results/generation
-(benchmarks/results/quick/generation with --quick). Nothing here asserts a speed.
+per batch size, graph-replayed decoding dashed; device, date and versions on the figure). Default OUT:
+benchmarks/results/generation (benchmarks/results/quick/generation with --quick). Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from benchmarks.generation import MODELS, build_model, num_params
 FULL_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_CONTEXTS = [64, 128]
 COLUMNS = ["model", "batch", "context", "status", "prefill_ms", "prefill_tok_s", "decode_ms", "decode_tok_s",
-           "prefill_peak_mb", "decode_peak_mb", "cache_mb"]
+           "decode_graph_ms", "decode_graph_tok_s", "prefill_peak_mb", "decode_peak_mb", "cache_mb"]
 
 
 def _sync(device: str) -> None:
@@ -59,11 +64,34 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def measure_graph_decode(model, cache, next_ids: torch.Tensor, decode_steps: int, warmup_steps: int,
+                         device: str) -> Dict:
+    """Decode-step timings through ``GraphDecoder`` on ``cache`` (captured now, after the eager steps):
+    ``decode_graph_ms`` (median of ``decode_steps`` steps after ``warmup_steps``) and ``decode_graph_tok_s``; an
+    empty dict for a model whose caches grow (it cannot be graphed). CUDA graphs on CUDA, the ``make_fx``
+    emulation elsewhere."""
+    from fla.models.graph_decode import GraphDecoder, growing_cache_layers
+
+    if growing_cache_layers(model):
+        return {}
+    decoder = GraphDecoder(model, cache).capture()
+    times = []
+    for i in range(warmup_steps + decode_steps):
+        dt = _timed(lambda: decoder.step(next_ids), device)
+        if i >= warmup_steps:
+            times.append(dt)
+    ms = statistics.median(times)
+    return {"decode_graph_ms": ms, "decode_graph_tok_s": next_ids.shape[0] / ms * 1e3}
+
+
 def measure_cell(model, batch: int, context: int, decode_steps: int, device: str, vocab: int,
-                 prefill_reps: int = 3, warmup_steps: int = 3, prefill_chunk: int = 0) -> Dict:
+                 prefill_reps: int = 3, warmup_steps: int = 3, prefill_chunk: int = 0,
+                 cuda_graph: bool = False) -> Dict:
     """Prefill and decode timings (and CUDA memory) of one (model, batch, context) cell.
 
-    ``prefill_chunk`` > 0 prefills in chunks of that many tokens through the cache (lower peak memory)."""
+    ``prefill_chunk`` > 0 prefills in chunks of that many tokens through the cache (lower peak memory).
+    ``cuda_graph``: also time the decode step replayed as a graph (``measure_graph_decode``); a failure there is
+    printed and noted in the status, and leaves the eager numbers."""
     cuda = device == "cuda"
     gen = torch.Generator().manual_seed(context + batch)
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
@@ -112,15 +140,26 @@ def measure_cell(model, batch: int, context: int, decode_steps: int, device: str
         row["decode_tok_s"] = batch / row["decode_ms"] * 1e3
         if cuda:
             row["decode_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        graph_failure = None
+        if cuda_graph:
+            try:
+                row.update(measure_graph_decode(model, cache, next_ids, decode_steps, warmup_steps, device))
+            except Exception as e:  # noqa: BLE001 - the eager numbers of the cell stay valid
+                graph_failure = "oom" if _is_oom(e) else type(e).__name__
+                print(f"B{batch} T{context}: graph decoding failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         del cache
     chunked = prefill_chunk and prefill_chunk < context
     row["status"] = f"ok (prefill in chunks of {prefill_chunk})" if chunked else "ok"
+    if graph_failure is not None:
+        row["status"] += f", graph failed: {graph_failure}"
     return row
 
 
 def run(models: List[str], batches: List[int], contexts: List[int], decode_steps: int, size: str, tiny: bool,
-        device: str, dtype: torch.dtype, prefill_chunk: int = 0, oom_chunk: int = 0) -> List[Dict]:
-    """Sweep (model, batch, context); ``tiny`` (--quick) also means one timed prefill and one warm-up step.
+        device: str, dtype: torch.dtype, prefill_chunk: int = 0, oom_chunk: int = 0,
+        cuda_graph: bool = False) -> List[Dict]:
+    """Sweep (model, batch, context); ``tiny`` (--quick) also means one timed prefill and one warm-up step;
+    ``cuda_graph``: also the graph-replayed decode step (``measure_graph_decode``).
 
     A cell whose one-shot prefill runs out of memory is retried once with a chunked prefill of ``oom_chunk``
     tokens (0: no retry); one that still fails is recorded and ends that (model, batch) sweep."""
@@ -152,7 +191,7 @@ def run(models: List[str], batches: List[int], contexts: List[int], decode_steps
                             row = {"model": name, **measure_cell(model, batch, context, decode_steps, device, vocab,
                                                                   prefill_reps=1 if tiny else 3,
                                                                   warmup_steps=1 if tiny else 3,
-                                                                  prefill_chunk=chunk)}
+                                                                  prefill_chunk=chunk, cuda_graph=cuda_graph)}
                         except Exception as e:  # noqa: BLE001 - an OOM (or a failing model) must not stop the sweep
                             oom = _is_oom(e)
                             if not oom:
@@ -213,6 +252,13 @@ def goal_summary(rows: List[Dict]) -> List[str]:
             lines.append(f"laNSA between laLTE and transformer: {'yes' if between else 'no'}")
         fastest = max((v, m) for m, v in tps.items() if v is not None)[1]
         lines.append(f"fastest decode: {fastest} (goal: gdn)")
+        graph = {m: _ok(rows, m, batch, c, "decode_graph_tok_s") for m in MODELS}
+        if any(v is not None for v in graph.values()):
+            lines.append(f"decode tokens/s replayed as a graph at context {c}, batch {batch}: " +
+                         ", ".join(f"{m} {v:.0f}" for m, v in graph.items() if v is not None))
+            if graph.get("lalte") is not None:
+                lines.append(f"laLTE (graph) / transformer (eager; its cache grows, it cannot be graphed) = "
+                             f"{graph['lalte'] / tps['transformer']:.2f}x")
         if 65536 not in both:
             lines.append(f"note: the transformer (or laLTE) has no decode number at 64K, batch {batch}; compared at "
                          f"{c}")
@@ -231,7 +277,10 @@ def figure_footer(meta: Dict) -> str:
             f"{meta['dtype']} | FLA_BACKEND={meta['backend']} | {meta['size']} configs, random weights")
 
 
-def plot(rows: List[Dict], key: str, ylabel: str, title: str, path: str, meta: Dict, logy: bool = True) -> None:
+def plot(rows: List[Dict], key: str, ylabel: str, title: str, path: str, meta: Dict, logy: bool = True,
+         graph_key: Optional[str] = None) -> None:
+    """One panel per batch size, one line per model; ``graph_key``: a second, dashed line per model (the
+    graph-replayed decode numbers) in the model's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,6 +298,14 @@ def plot(rows: List[Dict], key: str, ylabel: str, title: str, path: str, meta: D
             if pts:
                 any_data = True
                 ax.plot(*zip(*pts), marker="o", label=name, color=f"C{list(MODELS).index(name)}")
+            graph_pts = [] if graph_key is None else [
+                (r["context"], r[graph_key]) for r in rows
+                if r["model"] == name and r["batch"] == batch and r.get(graph_key) is not None]
+            if graph_pts:
+                any_data = True
+                how = "CUDA graph" if meta["device"] != "cpu" else "graph, make_fx emulation"
+                ax.plot(*zip(*graph_pts), marker="x", linestyle="--", label=f"{name} ({how})",
+                        color=f"C{list(MODELS).index(name)}")
         ax.set_xscale("log", base=2)
         ticks = sorted({r["context"] for r in rows})
         ax.set_xticks(ticks, [f"{c // 1024}K" if c >= 1024 else str(c) for c in ticks])
@@ -290,6 +347,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
                         help="FLA_BACKEND for the run (default: triton on CUDA, since some of our kernels are "
                              "opt-in until validated; auto on the CPU)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each decode step replayed as one CUDA graph (fla.models.graph_decode."
+                             "GraphDecoder, captured after the eager steps; same number of warm-up and timed steps): "
+                             "columns decode_graph_ms / decode_graph_tok_s, empty for models whose caches grow "
+                             "(transformer, lansa). On the CPU (--quick) the capture is emulated by a make_fx trace "
+                             "that is replayed: it checks the path, its timings are not CUDA-graph timings")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="run nothing: combine the generation.json of these output folders into --out")
     args = parser.parse_args(argv)
@@ -312,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     backend_name = args.backend or ("triton" if device == "cuda" else "auto")
     with backend(backend_name):
         rows = run(models, batches, contexts, decode_steps, args.size, args.quick, device, dtype,
-                   prefill_chunk=args.prefill_chunk, oom_chunk=args.oom_chunk)
+                   prefill_chunk=args.prefill_chunk, oom_chunk=args.oom_chunk, cuda_graph=args.cuda_graph)
 
     try:
         import triton
@@ -322,7 +385,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {"device": device_name() if device == "cuda" else "cpu", "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton_version, "dtype": str(dtype).replace("torch.", ""),
             "size": "tiny (--quick)" if args.quick else args.size, "decode_steps": decode_steps,
-            "backend": backend_name, "prefill_chunk": args.prefill_chunk, "oom_chunk": args.oom_chunk}
+            "backend": backend_name, "prefill_chunk": args.prefill_chunk, "oom_chunk": args.oom_chunk,
+            "graph_decode": ("cuda graph" if device == "cuda" else "make_fx emulation") if args.cuda_graph else None}
     write_outputs(rows, meta, out)
     return 0
 
@@ -359,7 +423,8 @@ def write_outputs(rows: List[Dict], meta: Dict, out: str) -> None:
          os.path.join(out, "memory.png"), meta)
     plot(rows, "prefill_peak_mb", "peak memory during prefill (MiB)", "prefill memory",
          os.path.join(out, "prefill_memory.png"), meta)
-    plot(rows, "decode_tok_s", "decode tokens/s", "decode throughput", os.path.join(out, "decode.png"), meta)
+    plot(rows, "decode_tok_s", "decode tokens/s", "decode throughput", os.path.join(out, "decode.png"), meta,
+         graph_key="decode_graph_tok_s")
     print(f"wrote {out}/generation.{{csv,json,txt}}, latency.png, memory.png, prefill_memory.png, decode.png",
           flush=True)
 

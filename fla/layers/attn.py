@@ -13,7 +13,8 @@ position 0, and with a cache a new token's position is the number of real tokens
 
 Cache (``fla.models.utils.Cache`` at ``layer_idx``): ``attn_state = (k, v)``, each [N, S, H_kv, hd] holding the
 rotated keys and the values of the last S tokens of each row, **left-aligned** (a row's r real tokens are its last
-min(r, S) entries; padding, if any, comes first); S <= w for a sliding window, which keeps the cache bounded.
+min(r, S) entries; padding, if any, comes first); S <= w for a sliding window, which keeps the cache bounded
+(``pad_cache_to_window`` makes S = w at once, for CUDA-graph decoding: ``fla.models.graph_decode``).
 ``attn_lengths`` [N] int64 counts the real tokens each row has seen (its next position). Three paths:
 
 * no cached tokens yet (training, prefill): ``parallel_attn`` on the whole input, packed by ``cu_seqlens`` when a
@@ -216,6 +217,32 @@ class Attention(nn.Module):
         if indices is not None:
             o = pad_input(o, indices, batch_size, q_len)
         return o, None, past_key_values
+
+    def pad_cache_to_window(self, past_key_values: Any) -> None:
+        """Left-pad this sliding-window layer's cached keys and values to ``window_size`` time steps.
+
+        A window cache grows by one entry per decode step until it holds ``window_size``; from then on every step
+        keeps its shape [N, window_size, H_kv, hd], as a CUDA-graph replay needs (``fla.models.graph_decode``).
+        The new entries are zeros before each row's valid ones (which start at S - attn_lengths), so no query ever
+        sees them and the layer's outputs are unchanged. Does nothing for full attention (whose cache always
+        grows), for a layer without cached keys, or for a cache that already spans the window.
+        """
+        if self.window_size is None or past_key_values is None or len(past_key_values) <= self.layer_idx:
+            return
+        state = past_key_values[self.layer_idx]
+        kv = state.get("attn_state")
+        if kv is None or kv[0].shape[1] >= self.window_size:
+            return
+        k, v = kv
+        lengths = state.get("attn_lengths")
+        if lengths is None:  # a legacy cache without counts: every cached token is real (as ``forward`` reads it)
+            lengths = torch.full((k.shape[0],), past_key_values.get_seq_length(self.layer_idx), dtype=torch.long,
+                                 device=k.device)
+        pad = self.window_size - k.shape[1]
+        k, v = (torch.cat([x.new_zeros(x.shape[0], pad, *x.shape[2:]), x], 1) for x in (k, v))
+        past_key_values.update(attn_state=(k, v), layer_idx=self.layer_idx, offset=0,
+                               cache_kwargs={"window_size": self.window_size, "attn_state_mode": "replace"},
+                               attn_lengths=lengths)
 
     # -------------------------------------------------------------------------------------------------------------
 

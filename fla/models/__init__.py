@@ -1,10 +1,12 @@
 """HF-compatible model families (Config / Model / ForCausalLM), registered with transformers' Auto classes on import.
 
 Shared pieces: ``fla.models.utils`` (the ``Cache`` of every family, ``FLAGenerationMixin``) and
-``fla.models.modeling_base`` (block, pretrained-model base, backbone, causal LM head).
+``fla.models.modeling_base`` (block, pretrained-model base, backbone, causal LM head). ``fla.models.graph_decode``:
+``GraphDecoder``, decode steps replayed as one CUDA graph.
 """
 
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
+from fla.models.graph_decode import GraphDecoder
 from fla.models.hybrid_gated_deltanet import (
     HybridGatedDeltaNetConfig,
     HybridGatedDeltaNetForCausalLM,
@@ -20,6 +22,7 @@ __all__ = [
     "GatedDeltaNetConfig",
     "GatedDeltaNetForCausalLM",
     "GatedDeltaNetModel",
+    "GraphDecoder",
     "HybridGatedDeltaNetConfig",
     "HybridGatedDeltaNetForCausalLM",
     "HybridGatedDeltaNetModel",

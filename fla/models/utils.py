@@ -21,7 +21,7 @@ decoding is refused by ``generate`` for stateful models anyway); beam search wor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from transformers.cache_utils import Cache as HFCache
@@ -168,6 +168,25 @@ class Cache(HFCache):
     def seen_tokens(self) -> int:
         """Tokens seen by layer 0 (what ``generate`` reads as the cache length)."""
         return self.get_seq_length(0)
+
+    def seen_tokens_per_layer(self) -> Tuple[int, ...]:
+        """The seen-token count of every layer, in layer order (one int per entry of ``self.states``)."""
+        return tuple(self._seen_tokens)
+
+    def set_seen_tokens(self, counts: Sequence[int]) -> None:
+        """Overwrite every layer's seen-token count; the states are left as they are.
+
+        For code that advances the states without ``update`` (a CUDA-graph replay of a decode step,
+        ``fla.models.graph_decode``): the host-side counts must follow the device-side states. ``counts`` holds one
+        int >= 0 per layer (``len(self)`` of them)."""
+        counts = tuple(counts)
+        if len(counts) != len(self.states):
+            raise ValueError(f"counts must hold one seen-token count per cached layer ({len(self.states)}), "
+                             f"got {len(counts)}")
+        for layer_idx, n in enumerate(counts):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"counts[{layer_idx}] must be an int >= 0, got {n!r}")
+        self._seen_tokens = list(counts)
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> Tuple[int, int]:
         """(kv_length, kv_offset) of a full-attention layer's mask (transformers 5 passes the query length, 4.57 the

@@ -13,7 +13,8 @@ CASES = {
     "generation": ["generation.csv", "generation.json", "latency.png", "memory.png", "decode.png"],
     "training": ["training.csv", "training.json", "training.txt", "profile_lalte_T128.txt"],
 }
-EXTRA_ARGS = {"training": ["--profile"]}
+# generation: the graph-replayed decode step too (emulated on the CPU), so the --cuda-graph path runs in CI
+EXTRA_ARGS = {"training": ["--profile"], "generation": ["--cuda-graph"]}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -32,3 +33,9 @@ def test_quick_entry_point(name, tmp_path):
     for filename in CASES[name]:
         path = out / filename
         assert path.is_file() and path.stat().st_size > 0, f"{name} --quick did not write {filename}"
+    if name == "generation":  # graph columns for the fixed-size caches only
+        import json
+
+        rows = json.loads((out / "generation.json").read_text())["rows"]
+        graphed = {r["model"] for r in rows if r.get("decode_graph_tok_s") is not None}
+        assert graphed == {"gdn", "gdn_swa", "lalte"}, graphed

@@ -117,6 +117,30 @@ def test_cached_decoding_with_left_padding_matches_full_forward(device, window_s
         assert_close(f"row {b} alone", out[b:b + 1, T - n:], alone, 1e-5)
 
 
+@pytest.mark.parametrize("window_size", [None, 8])
+def test_cache_padded_to_the_window_gives_the_same_outputs(device, window_size):
+    """``pad_cache_to_window`` (for CUDA-graph decoding): a window cache still filling gets its fixed shape at once,
+    and one-token steps and a chunked continuation give what the unpadded cache gives; full attention: unchanged."""
+    layer = make_layer(device, window_size=window_size).eval()
+    lens, T = [5, 3, 1], 5
+    x, mask = left_padded(lens, T, device)
+    cache, padded = Cache(), Cache()
+    layer(x, attention_mask=mask, past_key_values=cache, use_cache=True)
+    layer(x, attention_mask=mask, past_key_values=padded, use_cache=True)
+    layer.pad_cache_to_window(padded)
+    S = padded[0]["attn_state"][0].shape[1]
+    assert S == (T if window_size is None else window_size) and padded.get_seq_length(0) == T
+    for t in range(6):
+        step = torch.randn(3, 1, H, device=device)
+        assert_close(f"step {t}", layer(step, past_key_values=padded, use_cache=True)[0],
+                     layer(step, past_key_values=cache, use_cache=True)[0], 1e-5)
+        if window_size is not None:
+            assert padded[0]["attn_state"][0].shape[1] == window_size
+    chunk = torch.randn(3, 3, H, device=device)
+    assert_close("chunk", layer(chunk, past_key_values=padded, use_cache=True)[0],
+                 layer(chunk, past_key_values=cache, use_cache=True)[0], 1e-5)
+
+
 @pytest.mark.parametrize("window_size", [None, 3])
 def test_chunked_prefill_matches_full_forward(device, window_size):
     """Several new tokens on a non-empty cache (plain forwards continuing a cache): the masked reference path."""

@@ -16,6 +16,20 @@ def test_is_a_transformers_cache_and_not_compileable():
     assert cache.get_max_length() == -1
 
 
+def test_seen_tokens_per_layer_can_be_set():
+    """For code that advances the states on the device (CUDA-graph replays): the counts follow by hand."""
+    cache = Cache()
+    for layer_idx in range(2):
+        cache.update(recurrent_state=torch.zeros(2, 1, 3, 3), layer_idx=layer_idx, offset=4)
+    assert cache.seen_tokens_per_layer() == (4, 4)
+    cache.set_seen_tokens([5, 6])
+    assert cache.seen_tokens_per_layer() == (5, 6) and cache.get_seq_length(1) == 6 and cache.seen_tokens == 5
+    with pytest.raises(ValueError, match="one seen-token count per cached layer"):
+        cache.set_seen_tokens([1])
+    with pytest.raises(ValueError, match=r"counts\[1\] must be an int >= 0"):
+        cache.set_seen_tokens([1, -1])
+
+
 def test_per_layer_seen_tokens():
     """A layer asking for its past length before its own update sees its own count (FLA issue #747)."""
     cache = Cache()

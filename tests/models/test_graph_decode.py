@@ -1,0 +1,193 @@
+"""GraphDecoder (``fla.models.graph_decode``): decode steps replayed from one capture equal eager decoding.
+
+On the CPU the capture is emulated with ``make_fx`` ('fx' backend): the step is traced once and the traced graph
+replayed, so any Python value derived from device data is baked in as a CUDA graph would bake it, and host reads of
+device values fail the capture. The ``gpu`` test runs the real CUDA-graph backend in bf16.
+
+Every case: a batch of 3 rows with random left padding is prefilled, stepped once eagerly, copied (the reference),
+captured, then 20 graph steps, 3 eager steps and 3 graph steps on the captured cache are compared, logits and
+seen-token counts, with eager steps of the same tokens on the copy.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fla.layers import Attention, GatedDeltaNet, LTEAttention
+from fla.models.graph_decode import GraphDecoder, cache_leaves, growing_cache_layers
+from fla.models.utils import Cache
+from fla.utils.testing import assert_close
+from tests.models.helpers import left_padded_batch
+from tests.models.test_gated_deltanet import tiny_config as tiny_gdn_config
+from tests.models.test_hybrid_gated_deltanet import tiny_config as tiny_hybrid_config
+from tests.models.test_transformer import tiny_model as tiny_transformer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+V = 64
+WINDOW = 32  # the window of both tiny JSON configs (SWA: 32 keys; LTE: the token + 32 previous ones)
+
+
+def build(kind: str, device, dtype=torch.float32, **attn):
+    """A tiny eval-mode model: 'gdn' (Gated DeltaNet only), 'gdn_swa' (configs/tiny_gdn_swa.json), 'gdn_attn' (the
+    same with full attention), 'lalte' (configs/tiny_gdn_lte.json); ``attn`` overrides keys of the attn dict."""
+    torch.manual_seed(0)
+    if kind == "gdn":
+        config = tiny_gdn_config()
+    else:
+        config = AutoConfig.from_pretrained(CONFIGS / ("tiny_gdn_lte.json" if kind == "lalte" else "tiny_gdn_swa.json"))
+        config.vocab_size, config.pad_token_id = V, 0
+        config.attn = {**config.attn, **({"window_size": None} if kind == "gdn_attn" else {}), **attn}
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    for module in model.modules():  # about half of the router scores positive: eviction decides something
+        if isinstance(module, LTEAttention):
+            with torch.no_grad():
+                module.router.conv_stack.proj.bias.zero_()
+    return model
+
+
+def prefill(model, T: int, device, batch: int = 3):
+    """Prefill a batch with random left padding (one full row, the others 1..T real tokens) and decode one eager
+    step; returns the cache."""
+    lens = [T] + [int(torch.randint(1, T + 1, ())) for _ in range(batch - 1)]
+    ids, mask = left_padded_batch(lens, T, device, V)
+    cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    model(torch.randint(3, V, (batch, 1), device=device), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def check_graph_decoding(model, T: int, device, backend: str, tol: float, graph_steps: int = 20,
+                         eager_steps: int = 3, graph_steps_after: int = 3) -> GraphDecoder:
+    with torch.no_grad():
+        cache = prefill(model, T, device)
+        reference = copy.deepcopy(cache)
+        decoder = GraphDecoder(model, cache, backend=backend).capture()
+        # capturing consumed no token: the counts are as before and the next step continues from the same state
+        assert cache.seen_tokens_per_layer() == reference.seen_tokens_per_layer()
+        schedule = ["graph"] * graph_steps + ["eager"] * eager_steps + ["graph"] * graph_steps_after
+        for t, how in enumerate(schedule):
+            ids = torch.randint(3, V, (cache.batch_size, 1), device=device)
+            if how == "graph":
+                logits = decoder.step(ids)
+            else:
+                logits = model(ids, past_key_values=cache, use_cache=True).logits
+            expected = model(ids, past_key_values=reference, use_cache=True).logits
+            assert_close(f"step {t} ({how})", logits, expected, tol)
+            assert cache.seen_tokens_per_layer() == reference.seen_tokens_per_layer(), f"step {t} ({how})"
+        assert cache.get_seq_length() == T + 1 + len(schedule)
+        # a several-token continuation (the chunked path of every layer) still matches, also on a padded window
+        ids = torch.randint(3, V, (cache.batch_size, 3), device=device)
+        assert_close("3-token continuation", model(ids, past_key_values=cache, use_cache=True).logits,
+                     model(ids, past_key_values=reference, use_cache=True).logits, tol)
+    return decoder
+
+
+CASES = [("gdn", 40), ("gdn_swa", 40), ("gdn_swa", 10), ("lalte", 40), ("lalte", 10)]
+
+
+@pytest.mark.parametrize("kind, T", CASES, ids=[f"{k}-T{t}" for k, t in CASES])
+def test_graph_steps_equal_eager_steps(kind, T):
+    """T = 40: the SWA window (32) and the LTE ring (33) are full and LTE evicts into its buffer; T = 10: both still
+    fill up during the steps (the SWA cache is left-padded to the window at capture)."""
+    model = build(kind, "cpu")
+    decoder = check_graph_decoding(model, T, "cpu", backend="fx", tol=1e-5)
+    for module in model.modules():
+        if isinstance(module, Attention):  # the window cache kept one shape: the window
+            assert decoder.cache[module.layer_idx]["attn_state"][0].shape[1] == WINDOW
+
+
+def test_growing_caches_are_refused():
+    transformer = tiny_transformer("cpu").eval()
+    assert [layer for layer, _, _ in growing_cache_layers(transformer)] == [0, 1]
+    with torch.no_grad():
+        cache = prefill(transformer, 8, "cpu")
+        counts = cache.seen_tokens_per_layer()
+        with pytest.raises(ValueError, match=r"layer 0: state 'attn_state' grows with the sequence \(a full-attention"
+                                             r".*cannot be decoded with a CUDA graph"):
+            GraphDecoder(transformer, cache).capture()
+        assert cache.seen_tokens_per_layer() == counts
+        hybrid = build("gdn_attn", "cpu")
+        with pytest.raises(ValueError, match="layer 1: state 'attn_state'"):
+            GraphDecoder(hybrid, prefill(hybrid, 8, "cpu")).step(torch.zeros(3, 1, dtype=torch.long))
+    lansa = AutoModelForCausalLM.from_config(tiny_hybrid_config(attn_type="nsa"))
+    assert [layer for layer, _, _ in growing_cache_layers(lansa)] == [1, 3]
+    assert growing_cache_layers(build("gdn_swa", "cpu")) == [] and growing_cache_layers(build("lalte", "cpu")) == []
+
+
+def test_a_state_that_changes_shape_is_refused_by_the_dry_run(monkeypatch):
+    """Without the left padding, a window cache still filling grows in the dry-run step: refused, naming the layer
+    and the state, and the cache is left as it was."""
+    monkeypatch.setattr(Attention, "pad_cache_to_window", lambda self, cache: None)
+    model = build("gdn_swa", "cpu")
+    with torch.no_grad():
+        cache = prefill(model, 10, "cpu")
+        before = [(i, p, t.clone()) for i, p, t in cache_leaves(cache)]
+        counts = cache.seen_tokens_per_layer()
+        with pytest.raises(ValueError, match=r"layer 1: state 'attn_state\[0\]' changes from \[3, 11, 2, 32\] "
+                                             r"torch.float32 on cpu to \[3, 12, 2, 32\]"):
+            GraphDecoder(model, cache, backend="fx").capture()
+    after = cache_leaves(cache)
+    assert [(i, p) for i, p, _ in after] == [(i, p) for i, p, _ in before]
+    for (_, path, old), (_, _, new) in zip(before, after):
+        assert torch.equal(old, new), path
+    assert cache.seen_tokens_per_layer() == counts
+
+
+def test_a_host_sync_in_the_step_fails_the_capture(monkeypatch):
+    """A layer that reads a device value on the host runs eagerly, but its capture fails (as a CUDA graph's
+    would), with a message saying why; the cache is restored."""
+    forward = GatedDeltaNet.forward
+
+    def forward_with_sync(self, hidden_states, *args, **kwargs):
+        if float(hidden_states.abs().sum()) < 0:  # a host read of a device value; never true
+            raise AssertionError
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(GatedDeltaNet, "forward", forward_with_sync)
+    model = build("gdn", "cpu")
+    with torch.no_grad():
+        cache = prefill(model, 6, "cpu")
+        reference = copy.deepcopy(cache)
+        with pytest.raises(RuntimeError, match=r"could not be captured .*must not read device values on the host"):
+            GraphDecoder(model, cache, backend="fx").capture()
+        ids = torch.randint(3, V, (3, 1))
+        assert_close("after a failed capture", model(ids, past_key_values=cache, use_cache=True).logits,
+                     model(ids, past_key_values=reference, use_cache=True).logits, 1e-6)
+
+
+def test_argument_errors():
+    model = build("gdn", "cpu")
+    with torch.no_grad():
+        cache = prefill(model, 6, "cpu")
+        with pytest.raises(ValueError, match="model must be one of fla's causal LMs"):
+            GraphDecoder(model.model, cache)
+        with pytest.raises(ValueError, match="cache must be an fla.models.utils.Cache"):
+            GraphDecoder(model, cache.to_legacy_cache())
+        with pytest.raises(ValueError, match="cache holds no state"):
+            GraphDecoder(model, Cache()).capture()
+        with pytest.raises(ValueError, match="backend='nope' is not a capture backend"):
+            GraphDecoder(model, cache, backend="nope").capture()
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            GraphDecoder(model, cache, backend="cuda").capture()
+        model.train()
+        with pytest.raises(ValueError, match=r"training mode.*model.eval\(\)"):
+            GraphDecoder(model, cache).capture()
+        model.eval()
+        decoder = GraphDecoder(model, cache).capture()
+        with pytest.raises(ValueError, match=r"ids must have shape \[3, 1\]"):
+            decoder.step(torch.zeros(2, 1, dtype=torch.long))
+        with pytest.raises(ValueError, match="ids must be an int32 / int64 tensor"):
+            decoder.step(torch.zeros(3, 1))
+        cache.batch_repeat_interleave(2)  # the cache no longer has the captured shapes
+        with pytest.raises(ValueError, match="since the capture"):
+            decoder.step(torch.zeros(3, 1, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, T", CASES, ids=[f"{k}-T{t}" for k, t in CASES])
+def test_cuda_graph_steps_equal_eager_steps(kind, T, backend):
+    """The real CUDA-graph backend in bf16, with the torch and the Triton paths (``FLA_BACKEND``)."""
+    model = build(kind, "cuda", dtype=torch.bfloat16)
+    check_graph_decoding(model, T, "cuda", backend="cuda", tol=2e-2)
