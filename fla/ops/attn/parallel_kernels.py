@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.attn.tiles import dkdv_query_range, dq_key_range, fwd_key_range, key_tile_split, query_tile_split
+from fla.ops.attn.tiles import (dkdv_query_range, dq_key_range, fwd_key_range, key_tile_split, load_kv_rows,
+                                load_query_tile, query_tile_split)
 from fla.ops.utils.index import prepare_chunk_indices
 from fla.utils import triton_interpreting
 
@@ -143,10 +144,7 @@ def _attn_bwd_dkdv_kernel(
     m_k = o_k < DK
     m_v = o_v < DV
 
-    b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                  mask=m_n[:, None] & m_k[None, :], other=0.0)
-    b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                  mask=m_n[:, None] & m_v[None, :], other=0.0)
+    b_k, b_v = load_kv_rows(K, Vp, bos + o_n, m_n, i_h, H, DK, DV, BK, BV, True)
     b_dk = tl.zeros([BN, BK], dtype=tl.float32)
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
 
@@ -196,17 +194,11 @@ def _attn_bwd_dq_kernel(
     t0 = i_m * BM
     o_m = t0 + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
     m_m = o_m < T
     m_k = o_k < DK
-    m_v = o_v < DV
 
-    b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
-                  mask=m_m[:, None] & m_k[None, :], other=0.0)
-    b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
-                   mask=m_m[:, None] & m_v[None, :], other=0.0)
-    b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
-    b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
+    b_q, b_do, b_lse, b_delta = load_query_tile(Q, DO, LSE, DELTA, bos, i_hq, lse_base, o_m, T, HQ, DK, DV, BK, BV,
+                                                True)
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
 
     hi = tl.minimum(t0 + BM, T)

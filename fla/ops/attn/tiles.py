@@ -97,35 +97,78 @@ def query_tile_split(j0, lo, hi, T, W, BM: tl.constexpr, BN: tl.constexpr, USE_W
 
 
 @triton.jit
+def load_kv_rows(K, Vp, rows, m_rows, i_h, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, MASK: tl.constexpr):
+    """Key and value rows ``rows`` (packed token indices, int64 [BN]) of kv head ``i_h``: (b_k [BN, BK],
+    b_v [BN, BV]); with ``MASK`` rows where ``m_rows`` is false read as zeros (interior tiles need no row mask)."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    p_k = K + rows[:, None] * (H * DK) + i_h * DK + o_k[None, :]
+    p_v = Vp + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+    if MASK:
+        b_k = tl.load(p_k, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(p_v, mask=m_rows[:, None] & m_v[None, :], other=0.0)
+    else:
+        b_k = tl.load(p_k, mask=m_k[None, :], other=0.0)
+        b_v = tl.load(p_v, mask=m_v[None, :], other=0.0)
+    return b_k, b_v
+
+
+@triton.jit
+def load_query_tile(Q, DO, LSE, DELTA, bos, i_hq, lse_base, o_m, T, HQ: tl.constexpr, DK: tl.constexpr,
+                    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr):
+    """Query rows ``o_m`` of query head ``i_hq`` for the backward: (b_q [BM, BK], b_do [BM, BV], b_lse [BM],
+    b_delta [BM]); rows >= T read as zeros when ``MASK``."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    if MASK:
+        m_m = o_m < T
+        b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
+                       mask=m_m[:, None] & m_v[None, :], other=0.0)
+        b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
+        b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
+    else:
+        b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :], mask=m_v[None, :],
+                       other=0.0)
+        b_lse = tl.load(LSE + lse_base + o_m)
+        b_delta = tl.load(DELTA + lse_base + o_m)
+    return b_q, b_do, b_lse, b_delta
+
+
+@triton.jit
+def visible_keys(o_m, o_n, T, W, SEL, sel_base, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr):
+    """[BM, BN] mask of a tile: key j (< T) is visible to query i when j <= i and (no window, i - j < W, or with
+    ``HAS_SEL`` its SEL byte is non-zero)."""
+    m_n = o_n < T
+    allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
+    if USE_WINDOW:
+        visible = o_m[:, None] - o_n[None, :] < W
+        if HAS_SEL:
+            visible = visible | (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[None, :]
+        allowed = allowed & visible
+    return allowed
+
+
+@triton.jit
 def fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, hi, T, W, qk_scale,
                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
                   PRECISION: tl.constexpr):
     """Online softmax of the query rows ``o_m`` over the key tiles [lo, hi) (step BN)."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_k = o_k < DK
-    m_v = o_v < DV
     for start in range(lo, hi, BN):
         o_n = start + tl.arange(0, BN)
+        b_k, b_v = load_kv_rows(K, Vp, bos + o_n, o_n < T, i_h, H, DK, DV, BK, BV, MASK)
         if MASK:
-            m_n = o_n < T
-            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                          mask=m_n[:, None] & m_k[None, :], other=0.0)
-            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                          mask=m_n[:, None] & m_v[None, :], other=0.0)
-            allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
-            if USE_WINDOW:
-                visible = o_m[:, None] - o_n[None, :] < W
-                if HAS_SEL:
-                    visible = visible | (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[None, :]
-                allowed = allowed & visible
+            allowed = visible_keys(o_m, o_n, T, W, SEL, sel_base, USE_WINDOW, HAS_SEL)
             b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, allowed, qk_scale, True, PRECISION)
         else:
-            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :], mask=m_k[None, :],
-                          other=0.0)
-            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :], mask=m_v[None, :],
-                          other=0.0)
             b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, 0, qk_scale, False, PRECISION)
     return b_mi, b_li, b_acc
 
@@ -136,30 +179,13 @@ def dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h
                  BV: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
                  PRECISION: tl.constexpr):
     """dq (unscaled) of the query rows ``o_m`` from the key tiles [lo, hi) (step BN)."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_k = o_k < DK
-    m_v = o_v < DV
     for start in range(lo, hi, BN):
         o_n = start + tl.arange(0, BN)
+        b_k, b_v = load_kv_rows(K, Vp, bos + o_n, o_n < T, i_h, H, DK, DV, BK, BV, MASK)
         if MASK:
-            m_n = o_n < T
-            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                          mask=m_n[:, None] & m_k[None, :], other=0.0)
-            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                          mask=m_n[:, None] & m_v[None, :], other=0.0)
-            allowed = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
-            if USE_WINDOW:
-                visible = o_m[:, None] - o_n[None, :] < W
-                if HAS_SEL:
-                    visible = visible | (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[None, :]
-                allowed = allowed & visible
+            allowed = visible_keys(o_m, o_n, T, W, SEL, sel_base, USE_WINDOW, HAS_SEL)
             b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, allowed, qk_scale, True, PRECISION)
         else:
-            b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :], mask=m_k[None, :],
-                          other=0.0)
-            b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :], mask=m_v[None, :],
-                          other=0.0)
             b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, 0, qk_scale, False, PRECISION)
     return b_dq
 
@@ -170,24 +196,14 @@ def dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse
                      BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
                      HAS_SEL: tl.constexpr, PRECISION: tl.constexpr):
     """dk (unscaled) and dv of the key rows ``o_n`` from query head ``i_hq``'s query tiles [lo, hi) (step BM)."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_k = o_k < DK
-    m_v = o_v < DV
     if MASK and HAS_SEL:
-        m_n = o_n < T
-        b_sel = (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0)[:, None]
+        b_sel = (tl.load(SEL + sel_base + o_n, mask=o_n < T, other=0) != 0)[:, None]
     for start in range(lo, hi, BM):
         o_m = start + tl.arange(0, BM)
+        b_q, b_do, b_lse, b_delta = load_query_tile(Q, DO, LSE, DELTA, bos, i_hq, lse_base, o_m, T, HQ, DK, DV, BK,
+                                                    BV, MASK)
         if MASK:
-            m_m = o_m < T
-            b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
-                          mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
-                           mask=m_m[:, None] & m_v[None, :], other=0.0)
-            b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
-            b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
-            allowed = (o_n[:, None] <= o_m[None, :]) & m_m[None, :]
+            allowed = (o_n[:, None] <= o_m[None, :]) & (o_m < T)[None, :]
             if USE_WINDOW:
                 visible = o_m[None, :] - o_n[:, None] < W
                 if HAS_SEL:
@@ -196,11 +212,5 @@ def dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse
             b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, allowed, qk_scale, True,
                                    PRECISION)
         else:
-            b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :], mask=m_k[None, :],
-                          other=0.0)
-            b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :], mask=m_v[None, :],
-                           other=0.0)
-            b_lse = tl.load(LSE + lse_base + o_m)
-            b_delta = tl.load(DELTA + lse_base + o_m)
             b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, 0, qk_scale, False, PRECISION)
     return b_dk, b_dv

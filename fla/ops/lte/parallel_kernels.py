@@ -74,7 +74,7 @@ import triton.language as tl
 
 from fla.ops.attn.parallel_kernels import _attn_bwd_preprocess_kernel, _block_span, _dims, _grid_rows, _precision
 from fla.ops.attn.tiles import (dkdv_query_range, dkdv_tile, dq_key_range, dq_tile, fwd_key_range, key_tile_split,
-                                query_tile_split, softmax_tile)
+                                load_kv_rows, load_query_tile, query_tile_split, softmax_tile)
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -126,10 +126,7 @@ def _lte_fwd_kernel(
         o_c = c0 + tl.arange(0, BN)
         m_c = o_c < c_hi
         b_pos = tl.load(POS + pos_base + o_c, mask=m_c, other=0).to(tl.int64)
-        b_k = tl.load(K + (row0 + b_pos[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                      mask=m_c[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(Vp + (row0 + b_pos[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                      mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_k, b_v = load_kv_rows(K, Vp, row0 + b_pos, m_c, i_h, H, DK, DV, BK, BV, True)
         b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, m_c[None, :], qk_scale, True, PRECISION)
 
     # window stage: key tiles [lo, t0 + BM); edge and diagonal tiles with the full LTE mask, interior unmasked
@@ -173,17 +170,11 @@ def _lte_bwd_dq_kernel(
     t0 = i_m * BM
     o_m = t0 + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
     m_m = o_m < T
     m_k = o_k < DK
-    m_v = o_v < DV
 
-    b_q = tl.load(Q + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
-                  mask=m_m[:, None] & m_k[None, :], other=0.0)
-    b_do = tl.load(DO + (bos + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
-                   mask=m_m[:, None] & m_v[None, :], other=0.0)
-    b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
-    b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
+    b_q, b_do, b_lse, b_delta = load_query_tile(Q, DO, LSE, DELTA, bos, i_hq, lse_base, o_m, T, HQ, DK, DV, BK, BV,
+                                                True)
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
 
     lo = tl.maximum(t0 - WINDOW, 0) // BN * BN
@@ -195,10 +186,7 @@ def _lte_bwd_dq_kernel(
         o_c = c0 + tl.arange(0, BN)
         m_c = o_c < c_hi
         b_pos = tl.load(POS + pos_base + o_c, mask=m_c, other=0).to(tl.int64)
-        b_k = tl.load(K + (row0 + b_pos[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                      mask=m_c[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(Vp + (row0 + b_pos[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                      mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_k, b_v = load_kv_rows(K, Vp, row0 + b_pos, m_c, i_h, H, DK, DV, BK, BV, True)
         b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, m_c[None, :], qk_scale, True, PRECISION)
 
     mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW + 1, BM, BN, True)
@@ -249,10 +237,7 @@ def _lte_bwd_dkdv_selected_kernel(
             q_hi = T
         q_lo = (p_first + WINDOW + 1) // BM * BM
 
-        b_k = tl.load(K + (row0 + b_pos[:, None].to(tl.int64)) * (H * DK) + i_h * DK + o_k[None, :],
-                      mask=m_c[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(Vp + (row0 + b_pos[:, None].to(tl.int64)) * (H * DV) + i_h * DV + o_v[None, :],
-                      mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_k, b_v = load_kv_rows(K, Vp, row0 + b_pos.to(tl.int64), m_c, i_h, H, DK, DV, BK, BV, True)
         b_dk = tl.zeros([BC, BK], dtype=tl.float32)
         b_dv = tl.zeros([BC, BV], dtype=tl.float32)
         for i_g in range(G):
@@ -261,12 +246,8 @@ def _lte_bwd_dkdv_selected_kernel(
             for start in range(q_lo, q_hi, BM):
                 o_m = start + tl.arange(0, BM)
                 m_m = o_m < q_hi
-                b_q = tl.load(Q + (row0 + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
-                              mask=m_m[:, None] & m_k[None, :], other=0.0)
-                b_do = tl.load(DO + (row0 + o_m[:, None]) * (HQ * DV) + i_hq * DV + o_v[None, :],
-                               mask=m_m[:, None] & m_v[None, :], other=0.0)
-                b_lse = tl.load(LSE + lse_base + o_m, mask=m_m, other=0.0)
-                b_delta = tl.load(DELTA + lse_base + o_m, mask=m_m, other=0.0)
+                b_q, b_do, b_lse, b_delta = load_query_tile(Q, DO, LSE, DELTA, row0, i_hq, lse_base, o_m, q_hi, HQ,
+                                                            DK, DV, BK, BV, True)
                 allowed = m_c[:, None] & m_m[None, :] & ((o_m[None, :] - b_pos[:, None]) > WINDOW) & \
                     (o_m[None, :] < b_eos[:, None])
                 b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, allowed, qk_scale, True,
@@ -304,10 +285,7 @@ def _lte_bwd_dkdv_window_kernel(
     m_k = o_k < DK
     m_v = o_v < DV
 
-    b_k = tl.load(K + (bos + o_n[:, None]) * (H * DK) + i_h * DK + o_k[None, :],
-                  mask=m_n[:, None] & m_k[None, :], other=0.0)
-    b_v = tl.load(Vp + (bos + o_n[:, None]) * (H * DV) + i_h * DV + o_v[None, :],
-                  mask=m_n[:, None] & m_v[None, :], other=0.0)
+    b_k, b_v = load_kv_rows(K, Vp, bos + o_n, m_n, i_h, H, DK, DV, BK, BV, True)
     b_dk = tl.zeros([BN, BK], dtype=tl.float32)
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
 
