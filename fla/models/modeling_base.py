@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from fla.layers.utils import padding_mask
 from fla.models.utils import Cache, FLAGenerationMixin
 from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss, GatedMLP, RMSNorm
 
@@ -216,7 +217,8 @@ class FLAModel(FLAPreTrainedModel):
     ``forward(input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None, use_cache=None,
     output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs)`` returns
     ``BaseModelOutputWithPast``. ``attention_mask`` is a [B, T'] 0/1 padding mask (T' = past + new tokens when
-    decoding); ``kwargs`` (e.g. ``cu_seqlens``, ``position_ids``) reach every block.
+    decoding), checked once and handed to the blocks as its last T columns, or as None when those hold no padding;
+    ``kwargs`` (e.g. ``cu_seqlens``, ``position_ids``) reach every block.
     """
 
     block_class: type = FLABlock
@@ -271,6 +273,10 @@ class FLAModel(FLAPreTrainedModel):
             past_key_values = Cache.coerce(past_key_values)
 
         hidden_states = inputs_embeds
+        # every token mixer reads only the last T columns of the padding mask, and none when they hold no padding:
+        # check it once here (one host read per forward) instead of once per layer (one per layer and decode step)
+        attention_mask = padding_mask(attention_mask, hidden_states.shape[0], hidden_states.shape[1],
+                                      kwargs.get("cu_seqlens"))
         all_hidden_states: Optional[List[torch.Tensor]] = [] if output_hidden_states else None
         routing_stats: List[Any] = []
         for layer in self.layers:

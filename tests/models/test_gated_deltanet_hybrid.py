@@ -162,3 +162,27 @@ def test_save_pretrained_round_trip(device, tmp_path):
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
     assert_close("logits", loaded(ids).logits, ref, 0)
+
+
+def test_backbone_checks_the_padding_mask_once(device):
+    """The backbone hands every token mixer the mask's last T columns, or None when they hold no padding (one host
+    read per forward instead of one per layer); outputs are those of the unmasked / full-mask call."""
+    model = tiny_model(device, window_size=4).eval()
+    seen = []
+    for layer in model.model.layers:
+        layer.attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    ids = torch.randint(1, V, (2, 7), device=device)
+    with torch.no_grad():
+        plain = model(ids).logits
+        ones = model(ids, attention_mask=torch.ones(2, 9, dtype=torch.long, device=device)).logits
+    assert len(seen) == 6 and all(m is None for m in seen)
+    assert_close("all-real mask", ones, plain, 0)
+    seen.clear()
+    mask = torch.ones(2, 9, dtype=torch.long, device=device)
+    mask[0, :4] = 0  # columns 0-1 lie before this call's 7 tokens; columns 2-3 pad its first two
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        tail = model(ids, attention_mask=mask[:, 2:]).logits
+    assert len(seen) == 6 and all(m is not None and tuple(m.shape) == (2, 7) for m in seen)
+    assert torch.equal(seen[0].bool(), mask[:, 2:].bool())
+    assert_close("padded", padded, tail, 0)
