@@ -4,7 +4,8 @@
 #   OUT=dir bash scripts/gpu_check.sh STAGE[:SECONDS] [STAGE[:SECONDS] ...]
 #
 # Stages (default limits in seconds):
-#   tests-gdn (240)  tests-nsa (150)  tests-lte (120)  tests-attn (120)  tests-modules (120): the `gpu`-marked tests
+#   tests-gdn (240)  tests-nsa (150)  tests-lte (120)  tests-attn (120)  tests-modules (120)  tests-graph (120):
+#     the `gpu`-marked tests of one family (tests-graph: CUDA-graph decoding, tests/models/test_graph_decode.py)
 #   tests-models (240): layer and model tests on CUDA with the default backends
 #   tests-models-triton (240): the same with FLA_BACKEND=triton (every Triton path, opt-in ones included)
 #   bench-ops (300): python -m benchmarks.ops (fla-core beside ours when .anchor/ holds it)
@@ -65,6 +66,7 @@ run_stage() {  # $1 = name, $2 = limit
     tests-lte) pytest_stage "$limit" tests/ops/lte -m gpu ;;
     tests-attn) pytest_stage "$limit" tests/ops/attn -m gpu ;;
     tests-modules) pytest_stage "$limit" tests/modules -m gpu ;;
+    tests-graph) pytest_stage "$limit" tests/models/test_graph_decode.py -m gpu ;;
     tests-models) pytest_stage "$limit" tests/layers tests/models ;;
     tests-models-triton) FLA_BACKEND=triton pytest_stage "$limit" tests/layers tests/models ;;
     bench-ops)
