@@ -2,11 +2,11 @@
 
 Shared pieces: ``fla.models.utils`` (the ``Cache`` of every family, ``FLAGenerationMixin``) and
 ``fla.models.modeling_base`` (block, pretrained-model base, backbone, causal LM head). ``fla.models.graph_decode``:
-``GraphDecoder``, decode steps replayed as one CUDA graph.
+``GraphDecoder``, decode steps replayed as one CUDA graph, and ``graph_generate``.
 """
 
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
-from fla.models.graph_decode import GraphDecoder
+from fla.models.graph_decode import GraphDecoder, graph_generate
 from fla.models.hybrid_gated_deltanet import (
     HybridGatedDeltaNetConfig,
     HybridGatedDeltaNetForCausalLM,
@@ -32,4 +32,5 @@ __all__ = [
     "TransformerConfig",
     "TransformerForCausalLM",
     "TransformerModel",
+    "graph_generate",
 ]

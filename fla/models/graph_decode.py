@@ -407,3 +407,86 @@ class GraphDecoder:
         counts = self.cache.seen_tokens_per_layer()
         self.cache.set_seen_tokens(tuple(c + d for c, d in zip(counts, self._deltas)))
         return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits [B, vocab] -> next ids [B]: argmax, or a sample of softmax(logits / temperature) restricted to the
+    ``top_k`` largest logits (0: all)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def graph_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                   max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                   eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None,
+                   backend: Union[str, Any, None] = None) -> torch.LongTensor:
+    """Greedy or sampled generation whose decode steps replay one captured graph (``GraphDecoder``).
+
+    The prompt is prefilled eagerly (left padding through ``attention_mask`` is fine), the first decode step runs
+    eagerly too (every layer's state then has its decode-time shape), and every later step is a replay. Token
+    choice runs outside the graph: argmax, or with ``do_sample`` a sample of softmax(logits / ``temperature``)
+    over the ``top_k`` largest logits (0: all), drawn with ``generator``. As ``generate()`` does, a row that has
+    produced ``eos_token_id`` continues with ``pad_token_id`` (default: the eos id), and generation stops once every
+    row has (one host read per step, only when ``eos_token_id`` is set).
+
+    Args:
+        model: an eval-mode fla causal LM whose caches keep their size (see ``GraphDecoder``).
+        input_ids: [B, T] int prompt; attention_mask: [B, T] 0/1 (left padding) or None.
+        max_new_tokens: >= 1. backend: as ``GraphDecoder``'s ('cuda' on CUDA, the 'fx' emulation elsewhere).
+
+    Returns:
+        [B, T + n] int64: the prompt followed by n <= ``max_new_tokens`` new tokens. With greedy decoding the new
+        tokens are those of ``model.generate(input_ids, attention_mask=..., do_sample=False, ...)``.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in IDS_DTYPES:
+        what = f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else \
+            type(input_ids).__name__
+        raise ValueError(f"input_ids must be an int32 / int64 tensor [batch, time], got {what}")
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("top_k", top_k, 0)
+    _check_int("eos_token_id", eos_token_id, 0, optional=True)
+    _check_int("pad_token_id", pad_token_id, 0, optional=True)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+
+    def choose(logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        nxt = _next_tokens(logits[:, -1], do_sample, temperature, top_k, generator)
+        return nxt if pad is None else torch.where(done, torch.full_like(nxt, pad), nxt)
+
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = [choose(out.logits, done)]
+        decoder = None
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None:
+                done = done | (new[-1] == eos_token_id)
+                if bool(done.all()):
+                    break
+            ids = new[-1][:, None]
+            if decoder is None:
+                logits = model(ids, past_key_values=cache, use_cache=True).logits
+                decoder = GraphDecoder(model, cache, backend=backend).capture()
+            else:
+                logits = decoder.step(ids)
+            new.append(choose(logits, done))
+    return torch.cat([input_ids.long(), torch.stack(new, 1).long()], 1)

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fla.layers import Attention, GatedDeltaNet, LTEAttention
-from fla.models.graph_decode import GraphDecoder, cache_leaves, growing_cache_layers
+from fla.models.graph_decode import GraphDecoder, cache_leaves, graph_generate, growing_cache_layers
 from fla.models.utils import Cache
 from fla.utils.testing import assert_close
 from tests.models.helpers import left_padded_batch
@@ -183,6 +183,50 @@ def test_argument_errors():
         cache.batch_repeat_interleave(2)  # the cache no longer has the captured shapes
         with pytest.raises(ValueError, match="since the capture"):
             decoder.step(torch.zeros(3, 1, dtype=torch.long))
+
+
+GEN_CASES = [("gdn_swa", 40), ("lalte", 40), ("lalte", 10)]
+
+
+@pytest.mark.parametrize("kind, T", GEN_CASES, ids=[f"{k}-T{t}" for k, t in GEN_CASES])
+def test_graph_generate_equals_generate(kind, T):
+    """Greedy graph_generate gives generate()'s tokens with left padding, also when a row stops at its EOS early
+    (the EOS id is one that row produces at its fourth step) and the others go on."""
+    model = build(kind, "cpu")
+    ids, mask = left_padded_batch([T, 3, T - 5], T, "cpu", V)
+    steps = 12
+    with torch.no_grad():
+        first = graph_generate(model, ids, mask, max_new_tokens=steps, backend="fx")
+        eos = int(first[1, T + 3])
+        ours = graph_generate(model, ids, mask, max_new_tokens=steps, eos_token_id=eos, pad_token_id=0,
+                              backend="fx")
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)
+    assert first.shape == (3, T + steps)
+    assert torch.equal(first[:, :T], ids)
+    assert torch.equal(ours, ref), (ours[:, T:], ref[:, T:])
+    assert (ours[1, T:] == eos).any() and (ours[1, T + 4:] == 0).all()
+
+
+def test_graph_generate_sampling_and_errors():
+    model = build("gdn_swa", "cpu")
+    ids, mask = left_padded_batch([20, 7], 20, "cpu", V)
+    with torch.no_grad():
+        greedy = graph_generate(model, ids, mask, max_new_tokens=6, backend="fx")
+        top1 = graph_generate(model, ids, mask, max_new_tokens=6, do_sample=True, top_k=1, backend="fx")
+        runs = [graph_generate(model, ids, mask, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=10,
+                               generator=torch.Generator().manual_seed(3), backend="fx") for _ in range(2)]
+    assert torch.equal(top1, greedy)
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0].min() >= 0 and runs[0].max() < V
+    for kwargs, match in [({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+                          ({"temperature": 0.0}, "temperature must be a number > 0"),
+                          ({"top_k": -1}, "top_k must be an int >= 0"),
+                          ({"eos_token_id": 1.5}, "eos_token_id must be an int >= 0 or None")]:
+        with pytest.raises(ValueError, match=match):
+            graph_generate(model, ids, mask, backend="fx", **kwargs)
+    with pytest.raises(ValueError, match="input_ids must be an int32 / int64 tensor"):
+        graph_generate(model, ids.float(), mask, backend="fx")
 
 
 @pytest.mark.gpu
