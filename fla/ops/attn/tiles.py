@@ -1,6 +1,7 @@
 """Tile steps shared by the flash-attention style kernels (``fla.ops.attn.parallel_kernels``,
 ``fla.ops.lte.parallel_kernels``): one key tile of the forward's online softmax, one tile of the dq loop and one
-query tile of the dk / dv loop, plus the split of a tile loop into masked and unmasked ranges.
+query tile of the dk / dv loop; the row loads (``load_kv_rows``, ``load_query_tile``) and the visibility mask
+(``visible_keys``); the split of a tile loop into masked and unmasked ranges, and the range loops built from them.
 
 Every step takes ``MASK`` (constexpr): with ``MASK=False`` the ``allowed`` argument is ignored and the step does no
 ``tl.where`` (interior tiles, where every pair is visible); with ``MASK=True`` pairs where ``allowed`` is false get
