@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.attn.tiles import (dkdv_query_range, dq_key_range, fwd_key_range, key_tile_split, load_kv_rows,
-                                load_query_tile, query_tile_split)
+from fla.ops.attn.tiles import (dkdv_query_tiles, dq_key_tiles, fwd_key_tiles, load_kv_rows, load_query_tile,
+                                query_tile_split)
 from fla.ops.utils.index import prepare_chunk_indices
 from fla.utils import triton_interpreting
 
@@ -87,14 +87,8 @@ def _attn_fwd_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(t0 - WINDOW + 1, 0) // BN * BN
-    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW, BM, BN, USE_WINDOW)
-    # tiles crossing the window edge (masked), interior tiles (no mask), tiles crossing the diagonal (masked)
-    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, lo, mid_lo, T, WINDOW,
-                                      qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
-    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, mid_lo, mid_hi, T,
-                                      WINDOW, qk_scale, H, DK, DV, BN, BK, BV, False, USE_WINDOW, False, PRECISION)
-    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, mid_hi, hi, T, WINDOW,
-                                      qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_tiles(b_q, b_mi, b_li, b_acc, K, Vp, K, 0, bos, i_h, o_m, t0, lo, hi, T, WINDOW,
+                                      qk_scale, H, DK, DV, BM, BN, BK, BV, USE_WINDOW, False, PRECISION)
 
     b_li = tl.where(b_li > 0, b_li, 1.0)
     b_o = b_acc / b_li[:, None]
@@ -156,16 +150,8 @@ def _attn_bwd_dkdv_kernel(
     for i_g in range(G):
         i_hq = i_h * G + i_g
         lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + lse_off
-        # tiles crossing the diagonal (masked), interior tiles (no mask), tiles crossing the window edge or the
-        # sequence end (masked)
-        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n, lo,
-                                      mid_lo, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, True, USE_WINDOW, False,
-                                      PRECISION)
-        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n,
-                                      mid_lo, mid_hi, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, False, USE_WINDOW,
-                                      False, PRECISION)
-        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n,
-                                      mid_hi, hi, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, True, USE_WINDOW,
+        b_dk, b_dv = dkdv_query_tiles(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, K, 0, lse_base, bos, i_hq, o_n,
+                                      mid_lo, mid_hi, lo, hi, T, WINDOW, qk_scale, HQ, DK, DV, BM, BK, BV, USE_WINDOW,
                                       False, PRECISION)
 
     b_dk = b_dk * scale
@@ -205,13 +191,8 @@ def _attn_bwd_dq_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(t0 - WINDOW + 1, 0) // BN * BN
-    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW, BM, BN, USE_WINDOW)
-    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, lo, mid_lo, T, WINDOW, qk_scale,
-                        H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
-    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, mid_lo, mid_hi, T, WINDOW,
-                        qk_scale, H, DK, DV, BN, BK, BV, False, USE_WINDOW, False, PRECISION)
-    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, mid_hi, hi, T, WINDOW, qk_scale,
-                        H, DK, DV, BN, BK, BV, True, USE_WINDOW, False, PRECISION)
+    b_dq = dq_key_tiles(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, K, 0, bos, i_h, o_m, t0, lo, hi, T, WINDOW, qk_scale,
+                        H, DK, DV, BM, BN, BK, BV, USE_WINDOW, False, PRECISION)
 
     b_dq = b_dq * scale
     tl.store(DQ + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],

@@ -215,3 +215,55 @@ def dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse
         else:
             b_dk, b_dv = dkdv_tile(b_k, b_v, b_q, b_do, b_lse, b_delta, b_dk, b_dv, 0, qk_scale, False, PRECISION)
     return b_dk, b_dv
+
+
+@triton.jit
+def fwd_key_tiles(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, t0, lo, hi, T, W, qk_scale,
+                  H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """``fwd_key_range`` over the key tiles [lo, hi) of the query tile at ``t0``: tiles crossing the window edge
+    (masked), interior tiles (no mask), tiles crossing the diagonal or the sequence end (masked)."""
+    mid_lo, mid_hi = key_tile_split(t0, lo, hi, W, BM, BN, USE_WINDOW)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, mid_lo, T, W,
+                                      qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, HAS_SEL, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_lo, mid_hi, T,
+                                      W, qk_scale, H, DK, DV, BN, BK, BV, False, USE_WINDOW, HAS_SEL, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_hi, hi, T, W,
+                                      qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, HAS_SEL, PRECISION)
+    return b_mi, b_li, b_acc
+
+
+@triton.jit
+def dq_key_tiles(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, t0, lo, hi, T, W, qk_scale,
+                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """``dq_key_range`` over the key tiles [lo, hi) of the query tile at ``t0``, split as ``fwd_key_tiles``."""
+    mid_lo, mid_hi = key_tile_split(t0, lo, hi, W, BM, BN, USE_WINDOW)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, mid_lo, T, W,
+                        qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, HAS_SEL, PRECISION)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_lo, mid_hi, T, W,
+                        qk_scale, H, DK, DV, BN, BK, BV, False, USE_WINDOW, HAS_SEL, PRECISION)
+    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_hi, hi, T, W,
+                        qk_scale, H, DK, DV, BN, BK, BV, True, USE_WINDOW, HAS_SEL, PRECISION)
+    return b_dq
+
+
+@triton.jit
+def dkdv_query_tiles(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq, o_n, mid_lo, mid_hi,
+                     lo, hi, T, W, qk_scale, HQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SEL: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """``dkdv_query_range`` over query head ``i_hq``'s query tiles [lo, hi), split by ``query_tile_split``'s
+    (mid_lo, mid_hi) (computed once per key tile, outside the loop over the group's heads): tiles crossing the
+    diagonal (masked), interior tiles (no mask), tiles crossing the window edge or the sequence end (masked)."""
+    b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq, o_n, lo,
+                                  mid_lo, T, W, qk_scale, HQ, DK, DV, BM, BK, BV, True, USE_WINDOW, HAS_SEL, PRECISION)
+    b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq, o_n,
+                                  mid_lo, mid_hi, T, W, qk_scale, HQ, DK, DV, BM, BK, BV, False, USE_WINDOW, HAS_SEL,
+                                  PRECISION)
+    b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq, o_n,
+                                  mid_hi, hi, T, W, qk_scale, HQ, DK, DV, BM, BK, BV, True, USE_WINDOW, HAS_SEL,
+                                  PRECISION)
+    return b_dk, b_dv

@@ -73,8 +73,8 @@ import triton
 import triton.language as tl
 
 from fla.ops.attn.parallel_kernels import _attn_bwd_preprocess_kernel, _block_span, _dims, _grid_rows, _precision
-from fla.ops.attn.tiles import (dkdv_query_range, dkdv_tile, dq_key_range, dq_tile, fwd_key_range, key_tile_split,
-                                load_kv_rows, load_query_tile, query_tile_split, softmax_tile)
+from fla.ops.attn.tiles import (dkdv_query_tiles, dkdv_tile, dq_key_tiles, dq_tile, fwd_key_tiles, load_kv_rows,
+                                load_query_tile, query_tile_split, softmax_tile)
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -130,13 +130,8 @@ def _lte_fwd_kernel(
         b_mi, b_li, b_acc = softmax_tile(b_q, b_k, b_v, b_mi, b_li, b_acc, m_c[None, :], qk_scale, True, PRECISION)
 
     # window stage: key tiles [lo, t0 + BM); edge and diagonal tiles with the full LTE mask, interior unmasked
-    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW + 1, BM, BN, True)
-    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, mid_lo, T,
-                                      WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
-    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_lo, mid_hi,
-                                      T, WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, False, True, True, PRECISION)
-    b_mi, b_li, b_acc = fwd_key_range(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_hi, hi, T,
-                                      WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
+    b_mi, b_li, b_acc = fwd_key_tiles(b_q, b_mi, b_li, b_acc, K, Vp, SEL, sel_base, bos, i_h, o_m, t0, lo, hi, T,
+                                      WINDOW + 1, qk_scale, H, DK, DV, BM, BN, BK, BV, True, True, PRECISION)
 
     b_li = tl.where(b_li > 0, b_li, 1.0)
     b_o = b_acc / b_li[:, None]
@@ -189,13 +184,8 @@ def _lte_bwd_dq_kernel(
         b_k, b_v = load_kv_rows(K, Vp, row0 + b_pos, m_c, i_h, H, DK, DV, BK, BV, True)
         b_dq = dq_tile(b_q, b_do, b_k, b_v, b_lse, b_delta, b_dq, m_c[None, :], qk_scale, True, PRECISION)
 
-    mid_lo, mid_hi = key_tile_split(t0, lo, hi, WINDOW + 1, BM, BN, True)
-    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, lo, mid_lo, T,
-                        WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
-    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_lo, mid_hi, T,
-                        WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, False, True, True, PRECISION)
-    b_dq = dq_key_range(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, mid_hi, hi, T,
-                        WINDOW + 1, qk_scale, H, DK, DV, BN, BK, BV, True, True, True, PRECISION)
+    b_dq = dq_key_tiles(b_q, b_do, b_lse, b_delta, b_dq, K, Vp, SEL, sel_base, bos, i_h, o_m, t0, lo, hi, T,
+                        WINDOW + 1, qk_scale, H, DK, DV, BM, BN, BK, BV, True, True, PRECISION)
 
     b_dq = b_dq * scale
     tl.store(DQ + (bos + o_m[:, None]) * (HQ * DK) + i_hq * DK + o_k[None, :],
@@ -295,15 +285,9 @@ def _lte_bwd_dkdv_window_kernel(
     for i_g in range(G):
         i_hq = i_h * G + i_g
         lse_base = (i_b * HQ + i_hq).to(tl.int64) * T_full + row_off
-        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
-                                      o_n, lo, mid_lo, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV, True, True,
-                                      False, PRECISION)
-        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
-                                      o_n, mid_lo, mid_hi, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV, False,
+        b_dk, b_dv = dkdv_query_tiles(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
+                                      o_n, mid_lo, mid_hi, lo, hi, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV,
                                       True, False, PRECISION)
-        b_dk, b_dv = dkdv_query_range(b_k, b_v, b_dk, b_dv, Q, DO, LSE, DELTA, SEL, sel_base, lse_base, bos, i_hq,
-                                      o_n, mid_hi, hi, T, WINDOW + 1, qk_scale, HQ, DK, DV, BM, BK, BV, True, True,
-                                      False, PRECISION)
 
     # epilogue: the selected keys' contributions from queries beyond the window, then the score gradient
     b_sel = (tl.load(SEL + sel_base + o_n, mask=m_n, other=0) != 0) & m_n
@@ -391,6 +375,7 @@ def lte_bwd(q, k, v, o, lse, do, index, scale: float, window_size: int, cu_seqle
     BK, BV = _dims(q, v)
     varlen = cu_seqlens is not None
     prec = _precision(q)
+    fp32 = q.dtype == torch.float32
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -404,14 +389,14 @@ def lte_bwd(q, k, v, o, lse, do, index, scale: float, window_size: int, cu_seqle
     # compact partials: written for every compact entry < count, read only for those
     dkc = torch.empty((B * H, T, DK), device=q.device, dtype=torch.float32)
     dvc = torch.empty((B * H, T, DV), device=q.device, dtype=torch.float32)
-    BM, BC, num_warps, num_stages = launch_config("dkdv_sel", DK, DV, q.dtype == torch.float32)
+    BM, BC, num_warps, num_stages = launch_config("dkdv_sel", DK, DV, fp32)
     _lte_bwd_dkdv_selected_kernel[(triton.cdiv(T, BC), B * H)](
         q, k, v, do, lse, delta, cnt, pos, eos, dkc, dvc, scale * LOG2E, T, window_size,
         HQ=HQ, H=H, G=G, DK=DK, DV=DV, BM=BM, BC=BC, BK=BK, BV=BV, IS_VARLEN=varlen, PRECISION=prec,
         num_warps=num_warps, num_stages=num_stages,
     )
 
-    BM, BN, num_warps, num_stages = launch_config("dkdv", DK, DV, q.dtype == torch.float32)
+    BM, BN, num_warps, num_stages = launch_config("dkdv", DK, DV, fp32)
     n_kblocks, k_chunks = _grid_rows(cu_seqlens, T, BN)
     _lte_bwd_dkdv_window_kernel[(n_kblocks, B * H)](
         q, k, v, do, lse, delta, sel, cnt, dkc, dvc, dk, dv, dscore, cu_seqlens, k_chunks,
@@ -420,7 +405,7 @@ def lte_bwd(q, k, v, o, lse, do, index, scale: float, window_size: int, cu_seqle
         num_warps=num_warps, num_stages=num_stages,
     )
 
-    BM, BN, num_warps, num_stages = launch_config("dq", DK, DV, q.dtype == torch.float32)
+    BM, BN, num_warps, num_stages = launch_config("dq", DK, DV, fp32)
     n_qblocks, q_chunks = _grid_rows(cu_seqlens, T, BM)
     _lte_bwd_dq_kernel[(n_qblocks, B * HQ)](
         q, k, v, do, lse, delta, sel, cnt, pos, dq, cu_seqlens, q_chunks, scale * LOG2E, scale, T, window_size,
