@@ -34,11 +34,11 @@ replay. Any object with a ``capture(fn, inputs) -> replay`` method (see ``CUDAGr
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from fla.models.utils import Cache
+from fla.models.utils import Cache, _map_tensors
 
 BACKENDS = ("cuda", "fx")
 IDS_DTYPES = (torch.int32, torch.int64)
@@ -92,18 +92,10 @@ def _cache_tensors(cache: Cache) -> List[torch.Tensor]:
     return out
 
 
-def _substitute(obj: Any, tensors) -> Any:
-    """A copy of the nested containers of ``obj`` with its tensors replaced, in ``cache_leaves`` order, by the next
-    ones of the iterator ``tensors``; other leaves (None, ints) are kept."""
-    if isinstance(obj, torch.Tensor):
-        return next(tensors)
-    if isinstance(obj, tuple):
-        return tuple(_substitute(o, tensors) for o in obj)
-    if isinstance(obj, list):
-        return [_substitute(o, tensors) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _substitute(v, tensors) for k, v in obj.items()}
-    return obj
+def _substitute(obj: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """A copy of the nested containers of ``obj`` (a list of layer states, or one state) with its tensors replaced,
+    in ``cache_leaves`` order, by the next ones of the iterator ``tensors``; other leaves (None, ints) are kept."""
+    return _map_tensors(obj, lambda _: next(tensors))
 
 
 def _check_layout(paths: Sequence[Tuple[int, str]], static: Sequence[torch.Tensor], leaves: Sequence[Leaf],
