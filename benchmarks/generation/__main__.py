@@ -60,6 +60,13 @@ def _timed(fn, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _median_step_ms(step, warmup_steps: int, decode_steps: int, device: str) -> float:
+    """Median wall time (ms) of ``decode_steps`` calls of ``step()`` after ``warmup_steps`` untimed ones."""
+    for _ in range(warmup_steps):
+        _timed(step, device)
+    return statistics.median(_timed(step, device) for _ in range(decode_steps))
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -75,12 +82,7 @@ def measure_graph_decode(model, cache, next_ids: torch.Tensor, decode_steps: int
     if growing_cache_layers(model):
         return {}
     decoder = GraphDecoder(model, cache).capture()
-    times = []
-    for i in range(warmup_steps + decode_steps):
-        dt = _timed(lambda: decoder.step(next_ids), device)
-        if i >= warmup_steps:
-            times.append(dt)
-    ms = statistics.median(times)
+    ms = _median_step_ms(lambda: decoder.step(next_ids), warmup_steps, decode_steps, device)
     return {"decode_graph_ms": ms, "decode_graph_tok_s": next_ids.shape[0] / ms * 1e3}
 
 
@@ -131,12 +133,8 @@ def measure_cell(model, batch: int, context: int, decode_steps: int, device: str
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        step_times = []
-        for i in range(warmup_steps + decode_steps):
-            dt = _timed(lambda: model(next_ids, past_key_values=cache, use_cache=True), device)
-            if i >= warmup_steps:
-                step_times.append(dt)
-        row["decode_ms"] = statistics.median(step_times)
+        row["decode_ms"] = _median_step_ms(lambda: model(next_ids, past_key_values=cache, use_cache=True),
+                                           warmup_steps, decode_steps, device)
         row["decode_tok_s"] = batch / row["decode_ms"] * 1e3
         if cuda:
             row["decode_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
