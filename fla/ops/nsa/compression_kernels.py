@@ -7,8 +7,8 @@ is 0 for a query without any visible block (its output is 0), as in the referenc
 
     forward, per (query tile, q head):    online softmax over the visible blocks
     dq, per (query tile, q head):         dQ = sum P * (dO Vc^T - delta) Kc * scale
-    dk/dv, per (block tile, kv head):     loops over the G heads and the queries that see the tile (P^T computed
-                                          directly, Q^T / dO^T loaded transposed)
+    dk/dv, per (block tile, kv head, head of the group): loops over the queries that see the tile (P^T computed
+                                          directly); the G per-head partial gradients are summed in torch
     importance, per (query tile, kv head): I[t, c] = sum_g exp(scale q_g . k_c - lse_g) for c < IC = P // BS,
                                           forced ranks G + 2 / G + 1 / G for blocks IC / IC - 1 / 0, -inf above IC;
                                           [B, T_q, H, NBC] float32, then ``torch.topk``.
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla.ops.nsa.parallel_kernels import _gated_rows
 from fla.utils import triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -55,7 +56,7 @@ def _cmp_fwd_kernel(
         o_c = start + tl.arange(0, BC)
         crow = (i_b * NB + o_c) * H + i_h
         m_c = o_c < NB
-        b_kt = tl.load(KC + crow[None, :] * DK + o_k[:, None], mask=m_c[None, :] & m_k[:, None], other=0.0)
+        b_kt = tl.trans(tl.load(KC + crow[:, None] * DK + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0))
         b_v = tl.load(VC + crow[:, None] * DV + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
         b_s = tl.where(o_c[None, :] < nc[:, None], b_s, float("-inf"))
@@ -74,9 +75,10 @@ def _cmp_fwd_kernel(
 
 @triton.jit
 def _cmp_bwd_dq_kernel(
-    Q, KC, VC, DO, LSE, DELTA, DQ, qk_scale, scale, Tq, Tk, NB,
+    Q, KC, VC, DO, GATE, LSE, DELTA, DQ, qk_scale, scale, Tq, Tk, NB,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -93,7 +95,7 @@ def _cmp_bwd_dq_kernel(
     nc = (o_m + off + 1) // BS
     row = (i_b * Tq + o_m) * HQ + i_hq
     b_q = tl.load(Q + row[:, None] * DK + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-    b_do = tl.load(DO + row[:, None] * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
+    b_do = _gated_rows(DO, GATE, row, m_m, m_v, o_v, DV, HAS_GATE)
     b_lse = tl.load(LSE + row, mask=m_m, other=0.0) * 1.4426950408889634
     b_delta = tl.load(DELTA + row, mask=m_m, other=0.0)
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
@@ -102,13 +104,12 @@ def _cmp_bwd_dq_kernel(
         o_c = start + tl.arange(0, BC)
         crow = (i_b * NB + o_c) * H + i_h
         m_c = o_c < NB
-        b_kt = tl.load(KC + crow[None, :] * DK + o_k[:, None], mask=m_c[None, :] & m_k[:, None], other=0.0)
         b_k = tl.load(KC + crow[:, None] * DK + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
-        b_vt = tl.load(VC + crow[None, :] * DV + o_v[:, None], mask=m_c[None, :] & m_v[:, None], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+        b_v = tl.load(VC + crow[:, None] * DV + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         allowed = (o_c[None, :] < nc[:, None]) & m_m[:, None]
         b_p = tl.where(allowed, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
     b_dq = b_dq * scale
@@ -117,14 +118,19 @@ def _cmp_bwd_dq_kernel(
 
 @triton.jit
 def _cmp_bwd_dkdv_kernel(
-    Q, KC, VC, DO, LSE, DELTA, DKC, DVC, qk_scale, scale, Tq, Tk, NB,
+    Q, KC, VC, DO, GATE, LSE, DELTA, DKC, DVC, qk_scale, scale, Tq, Tk, NB,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):
+    # program (block tile, batch x kv head, head of the group): this head's share of the tile's gradients, written to
+    # the head's slice of DKC / DVC [G, B, NB, H, *] (float32, summed over the heads afterwards)
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_g = tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    i_hq = i_h * G + i_g
     off = Tk - Tq
     o_c = i_c * BC + tl.arange(0, BC)
     o_k = tl.arange(0, BK)
@@ -138,30 +144,27 @@ def _cmp_bwd_dkdv_kernel(
     b_dk = tl.zeros([BC, BK], dtype=tl.float32)
     b_dv = tl.zeros([BC, BV], dtype=tl.float32)
     # the first query that sees block i_c * BC completes it: position (i_c * BC + 1) * BS - 1
-    lo = tl.maximum((tl.program_id(0) * BC + 1) * BS - 1 - off, 0) // BM * BM  # int32, like Tq
-    for i_g in range(G):
-        i_hq = i_h * G + i_g
-        for start in range(lo, Tq, BM):
-            o_m = start + tl.arange(0, BM)
-            m_m = o_m < Tq
-            nc = (o_m + off + 1) // BS
-            row = (i_b * Tq + o_m) * HQ + i_hq
-            b_qt = tl.load(Q + row[None, :] * DK + o_k[:, None], mask=m_m[None, :] & m_k[:, None], other=0.0)
-            b_q = tl.load(Q + row[:, None] * DK + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_dot = tl.load(DO + row[None, :] * DV + o_v[:, None], mask=m_m[None, :] & m_v[:, None], other=0.0)
-            b_do = tl.load(DO + row[:, None] * DV + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
-            b_lse = tl.load(LSE + row, mask=m_m, other=0.0) * 1.4426950408889634
-            b_delta = tl.load(DELTA + row, mask=m_m, other=0.0)
-            b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BC, BM]
-            allowed = (o_c[:, None] < nc[None, :]) & m_m[None, :] & m_c[:, None]
-            b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dpt = tl.dot(b_v, b_dot, input_precision=PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    lo = tl.maximum((i_c * BC + 1) * BS - 1 - off, 0) // BM * BM  # int32, like Tq
+    for start in range(lo, Tq, BM):
+        o_m = start + tl.arange(0, BM)
+        m_m = o_m < Tq
+        nc = (o_m + off + 1) // BS
+        row = (i_b * Tq + o_m) * HQ + i_hq
+        b_q = tl.load(Q + row[:, None] * DK + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_do = _gated_rows(DO, GATE, row, m_m, m_v, o_v, DV, HAS_GATE)
+        b_lse = tl.load(LSE + row, mask=m_m, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(DELTA + row, mask=m_m, other=0.0)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BC, BM]
+        allowed = (o_c[:, None] < nc[None, :]) & m_m[None, :] & m_c[:, None]
+        b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
     b_dk = b_dk * scale
-    tl.store(DKC + crow[:, None] * DK + o_k[None, :], b_dk.to(DKC.dtype.element_ty), mask=m_c[:, None] & m_k[None, :])
-    tl.store(DVC + crow[:, None] * DV + o_v[None, :], b_dv.to(DVC.dtype.element_ty), mask=m_c[:, None] & m_v[None, :])
+    prow = i_g.to(tl.int64) * (tl.num_programs(1).to(tl.int64) * NB) + crow  # head slices of B * NB * H rows
+    tl.store(DKC + prow[:, None] * DK + o_k[None, :], b_dk, mask=m_c[:, None] & m_k[None, :])
+    tl.store(DVC + prow[:, None] * DV + o_v[None, :], b_dv, mask=m_c[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -184,7 +187,7 @@ def _importance_kernel(
         o_c = start + tl.arange(0, BC)
         m_c = o_c < NB
         crow = (i_b * NB + o_c) * H + i_h
-        b_kt = tl.load(KC + crow[None, :] * DK + o_k[:, None], mask=m_c[None, :] & m_k[:, None], other=0.0)
+        b_kt = tl.trans(tl.load(KC + crow[:, None] * DK + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0))
         b_imp = tl.zeros([BM, BC], dtype=tl.float32)
         for i_g in range(G):
             row = (i_b * Tq + o_m) * HQ + i_h * G + i_g
@@ -225,22 +228,35 @@ def cmp_fwd(q, k_cmp, v_cmp, num_keys: int, block_size: int, scale: float):
     return o, lse
 
 
-def cmp_bwd(q, k_cmp, v_cmp, o, lse, do, num_keys: int, block_size: int, scale: float):
-    """Gradients (dq, dk_cmp, dv_cmp) of the compressed attention."""
+def cmp_bwd(q, k_cmp, v_cmp, o, lse, do, num_keys: int, block_size: int, scale: float, gate=None, delta=None,
+            grad_dtype=None):
+    """Gradients (dq, dk_cmp, dv_cmp) of the compressed attention.
+
+    ``gate`` [B, T_q, HQ] scales dO's rows (dO is then the gated sum's gradient); ``delta`` [B, T_q, HQ] float32 =
+    rowsum(dO_cmp * o) (computed from o otherwise); ``grad_dtype``: dtype of dk_cmp / dv_cmp (default theirs)."""
     B, Tq, HQ, DK = q.shape
     NB, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
-    dq, dkc, dvc = torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+    G = HQ // H
+    dq = torch.empty_like(q)
+    # per-head partial gradients of the blocks, summed below (deterministic; G programs per block tile)
+    dkc = torch.empty(G, B, NB, H, DK, dtype=torch.float32, device=q.device)
+    dvc = torch.empty(G, B, NB, H, DV, dtype=torch.float32, device=q.device)
     BM, BC, BK, BV = _tiles(q, v_cmp)
-    delta = (o.float() * do.float()).sum(-1).contiguous()
-    common = dict(HQ=HQ, H=H, G=HQ // H, DK=DK, DV=DV, BS=block_size, BM=BM, BC=BC, BK=BK, BV=BV,
-                  PRECISION=_precision(q), num_warps=4)
+    if delta is None:
+        do_cmp = do if gate is None else (do.float() * gate.float()[..., None])
+        delta = (o.float() * do_cmp.float()).sum(-1).contiguous()
+    g = gate if gate is not None else lse
+    common = dict(HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BM=BM, BC=BC, BK=BK, BV=BV,
+                  PRECISION=_precision(q), HAS_GATE=gate is not None, num_warps=4)
     if B * Tq > 0:
-        _cmp_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * HQ)](q, k_cmp, v_cmp, do, lse, delta, dq, scale * LOG2E, scale,
-                                                          Tq, num_keys, NB, **common)
+        _cmp_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * HQ)](q, k_cmp, v_cmp, do, g, lse, delta, dq, scale * LOG2E,
+                                                          scale, Tq, num_keys, NB, **common)
     if B * NB > 0:
-        _cmp_bwd_dkdv_kernel[(triton.cdiv(NB, BC), B * H)](q, k_cmp, v_cmp, do, lse, delta, dkc, dvc, scale * LOG2E,
-                                                           scale, Tq, num_keys, NB, **common)
-    return dq, dkc, dvc
+        _cmp_bwd_dkdv_kernel[(triton.cdiv(NB, BC), B * H, G)](q, k_cmp, v_cmp, do, g, lse, delta, dkc, dvc,
+                                                              scale * LOG2E, scale, Tq, num_keys, NB, **common)
+    out_k = grad_dtype or k_cmp.dtype
+    out_v = grad_dtype or v_cmp.dtype
+    return dq, dkc.sum(0).to(out_k), dvc.sum(0).to(out_v)
 
 
 def block_importance(q, k_cmp, lse, num_keys: int, block_size: int, scale: float) -> torch.Tensor:

@@ -10,8 +10,9 @@ Semantics: ``fla.ops.nsa.naive`` (the float32 truth). Two implementations:
 - Triton path: compressed attention forward + backward and the block ranking
   (``fla.ops.nsa.compression_kernels``; mean pooling and ``torch.topk`` stay in torch), selected-block attention
   forward + backward (``fla.ops.nsa.parallel_kernels``), the window branch through ``parallel_attn``'s kernels
-  (T_q = T_k; a masked softmax in torch otherwise). **Opt-in** (``FLA_BACKEND=triton``) until proven on the GPU.
-  Packed sequences run one launch set per sequence.
+  (T_q = T_k; a masked softmax in torch otherwise). With the selected branch on, the branches and their gated sum are
+  one autograd function (``fla.ops.nsa.fused``: no float32 branch outputs, the sum fused into the selected kernel).
+  **Opt-in** (``FLA_BACKEND=triton``) until proven on the GPU. Packed sequences run one launch set per sequence.
 """
 
 from __future__ import annotations
@@ -73,21 +74,19 @@ def _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_si
         return q.new_zeros(B, 0, HQ, V), (None if block_indices is not None else
                                          torch.full((B, 0, H, block_counts), -1, dtype=torch.long,
                                                     device=q.device))
-    kf, vf = k.float(), v.float()
     positions = torch.arange(Tq, device=q.device) + (Tk - Tq)
     triton_path = use_triton(q, auto_on_cuda=False)
-    # float32 queries for the torch computations (a view for float32 inputs; the Triton path needs them only for
-    # a window branch with T_q < T_k)
-    qf = q.float().reshape(B, Tq, H, G, D) if not triton_path or (window_size and Tq != Tk) else None
+    if triton_path and g_slc is not None:
+        return _nsa_dense_fused(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale,
+                                block_indices, positions)
+    kf, vf = k.float(), v.float()
+    # from here: the torch path, or the Triton path without the selected branch (no block selection needed)
+    qf = q.float().reshape(B, Tq, H, G, D) if not triton_path else None  # a view for float32 inputs
     if triton_path:
-        from fla.ops.nsa.compression_kernels import block_importance, compression_attention_triton, top_blocks
-        from fla.ops.nsa.parallel_kernels import selected_attention
+        from fla.ops.nsa.compression_kernels import compression_attention_triton
         k_cmp = mean_pool_blocks(kf, block_size).to(k.dtype)
         v_cmp = mean_pool_blocks(vf, block_size).to(v.dtype)
-        o_cmp, lse = compression_attention_triton(q, k_cmp, v_cmp, Tk, block_size, scale)
-        o_cmp = o_cmp.float().view(B, Tq, H, G, V)
-        if block_indices is None and g_slc is not None:
-            block_indices = top_blocks(block_importance(q, k_cmp, lse, Tk, block_size, scale), block_counts)
+        o_cmp = compression_attention_triton(q, k_cmp, v_cmp, Tk, block_size, scale)[0].float().view(B, Tq, H, G, V)
     else:
         k_cmp, v_cmp = mean_pool_blocks(kf, block_size), mean_pool_blocks(vf, block_size)
         o_cmp, probs = compression_attention(qf, k_cmp, v_cmp, (positions + 1) // block_size, scale)
@@ -98,23 +97,42 @@ def _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_si
     if g_cmp is not None:
         o = o + o_cmp * g_cmp.float().view(B, Tq, H, G, 1)
     if g_slc is not None:
-        if triton_path:
-            o_slc = selected_attention(q, k, v, block_indices, block_size, scale).float().view(B, Tq, H, G, V)
-        else:
-            o_slc = _selected_attention_torch(qf, kf, vf, block_indices, block_size, positions, scale)
+        o_slc = _selected_attention_torch(qf, kf, vf, block_indices, block_size, positions, scale)
         o = o + o_slc * g_slc.float().view(B, Tq, H, G, 1)
     if g_swa is not None and window_size:
-        if Tq == Tk:
-            from fla.ops.attn import parallel_attn
-            o_swa = parallel_attn(q, k, v, scale=scale, window_size=window_size).float().view(B, Tq, H, G, V)
-        else:
-            lo = max(0, Tk - Tq - window_size + 1)  # the earliest key any query's window reaches
-            mask = _window_mask(positions - lo, Tk - lo, window_size)[None, None].expand(B, H, Tq, Tk - lo)
-            o_swa = _masked_softmax_attention(qf, kf[:, lo:], vf[:, lo:], mask, scale)
+        o_swa = _window_branch(q, k, v, window_size, scale, positions).float().view(B, Tq, H, G, V)
         o = o + o_swa * g_swa.float().view(B, Tq, H, G, 1)
     if not isinstance(o, torch.Tensor):
         o = kf.new_zeros(B, Tq, H, G, V)
     return o.reshape(B, Tq, HQ, V).to(out_dtype), block_indices
+
+
+def _window_branch(q, k, v, window_size, scale, positions):
+    """The window branch's output [B, T_q, HQ, V]: ``parallel_attn`` when T_q = T_k, else a masked softmax over the
+    keys any query's window reaches (float32)."""
+    B, Tq, HQ, D = q.shape
+    Tk, H = k.shape[1], k.shape[2]
+    if Tq == Tk:
+        from fla.ops.attn import parallel_attn
+        return parallel_attn(q, k, v, scale=scale, window_size=window_size)
+    lo = max(0, Tk - Tq - window_size + 1)  # the earliest key any query's window reaches
+    mask = _window_mask(positions - lo, Tk - lo, window_size)[None, None].expand(B, H, Tq, Tk - lo)
+    o = _masked_softmax_attention(q.float().reshape(B, Tq, H, HQ // H, D), k[:, lo:].float(), v[:, lo:].float(),
+                                  mask, scale)
+    return o.reshape(B, Tq, HQ, -1)
+
+
+def _nsa_dense_fused(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale, block_indices,
+                     positions):
+    """The Triton path with the selected branch on (``fla.ops.nsa.fused``): one autograd function for the compressed
+    and selected branches and the gated sum; the window branch's output is one of its inputs."""
+    from fla.ops.nsa.fused import nsa_fused
+    o_swa = None
+    if g_swa is not None and window_size:
+        o_swa = _window_branch(q, k, v, window_size, scale, positions)
+    else:
+        g_swa = None
+    return nsa_fused(q, k, v, g_cmp, g_slc, g_swa, o_swa, block_counts, block_size, scale, block_indices)
 
 
 def _check_gate(name, g, q):

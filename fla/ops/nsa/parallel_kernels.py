@@ -3,15 +3,23 @@
 Layout: q [B, T_q, HQ, K], k [B, T_k, H, K], v [B, T_k, H, V], block_indices [B, T_q, H, S] (int32, -1 = none,
 no block twice); queries are the last T_q of the T_k tokens (query t sits at position P = T_k - T_q + t). One
 program handles the G query heads of one kv head together (they share the selected blocks): the group is the row
-dimension of the dots (padded to BG >= 16).
+dimension of the dots (padded to BG >= 16). Every tile is loaded once in its natural layout; transposed operands are
+``tl.trans`` of loaded tiles.
 
     forward, per (query, kv head):   online softmax over the tokens j <= P of the S selected blocks;
-                                     saves lse [B, T_q, HQ] (natural log, float32)
+                                     saves lse [B, T_q, HQ] (natural log, float32). Optionally also writes the gated
+                                     sum of the three NSA branches, out = g_slc o_slc + g_cmp o_cmp + g_swa o_swa,
+                                     from the float32 o_slc (``fla.ops.nsa.fused``).
     dq, per (query, kv head):        dQ = sum_blocks P * (dO V^T - delta) K * scale
     dk/dv, per (key block, kv head): loops over the queries that selected the block only (a CSR list built in torch
-                                     from block_indices), in tiles of BM queries x BG heads, computing P^T directly
-                                     (Q^T and dO^T are loaded transposed, never produced by tl.trans of a dot);
+                                     from block_indices), in tiles of BM queries x BG heads, computing P^T directly;
                                      every key block belongs to one program: no atomics.
+
+Backward options (``fla.ops.nsa.fused``): dO may be the gradient of the gated sum, the branch's gate [B, T_q, HQ]
+then scales its rows on load (dO_slc = g_slc dO, rounded to dO's dtype as a materialised product would be);
+``delta`` = rowsum(dO_slc * o_slc) may be given; dq may be added to an existing dq (the compressed branch's); the
+compressed branch's gradient of the mean-pooled keys / values may be spread over each complete block's tokens
+(dk_j += dk_cmp[j // BS] / BS) in the dk/dv kernel's epilogue.
 
 Numerics: scores in float32 with exp2 (scale folded with log2(e)); fp32 accumulators; dots take the input dtype,
 float32 inputs with ``input_precision='ieee'``.
@@ -19,7 +27,7 @@ float32 inputs with ``input_precision='ieee'``.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -31,11 +39,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _gated_rows(DO, GATE, row, m_row, m_v, o_v, DV: tl.constexpr, HAS_GATE: tl.constexpr):
+    """dO rows [R, BV] in dO's dtype, times the gate of each row when HAS_GATE."""
+    b_do = tl.load(DO + row[:, None] * DV + o_v[None, :], mask=m_row[:, None] & m_v[None, :], other=0.0)
+    if HAS_GATE:
+        b_g = tl.load(GATE + row, mask=m_row, other=0.0).to(tl.float32)
+        b_do = (b_do.to(tl.float32) * b_g[:, None]).to(DO.dtype.element_ty)
+    return b_do
+
+
+@triton.jit
 def _slc_fwd_kernel(
-    Q, K, Vp, O, LSE, BI, qk_scale, Tq, Tk,
+    Q, K, Vp, O, LSE, BI, OC, OW, GC, GS, GW, OUT, qk_scale, Tq, Tk,
     S: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, COMBINE: tl.constexpr, HAS_CMP: tl.constexpr, HAS_SWA: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1)
@@ -63,9 +81,9 @@ def _slc_fwd_kernel(
         o_n = blk * BS + o_j
         valid = (blk >= 0) & (o_j < BS) & (o_n <= P)
         krow = (i_b * Tk + o_n) * H + i_h
-        b_kt = tl.load(K + krow[None, :] * DK + o_k[:, None], mask=valid[None, :] & m_k[:, None], other=0.0)
+        b_k = tl.load(K + krow[:, None] * DK + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(Vp + krow[:, None] * DV + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         b_s = tl.where(valid[None, :], b_s, float("-inf"))
         b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
         b_p = tl.exp2(b_s - b_mnew[:, None])
@@ -76,16 +94,26 @@ def _slc_fwd_kernel(
 
     b_li = tl.where(b_li > 0, b_li, 1.0)
     b_o = b_acc / b_li[:, None]
-    tl.store(O + row[:, None] * DV + o_v[None, :], b_o.to(O.dtype.element_ty), mask=m_g[:, None] & m_v[None, :])
+    m_o = m_g[:, None] & m_v[None, :]
+    tl.store(O + row[:, None] * DV + o_v[None, :], b_o.to(O.dtype.element_ty), mask=m_o)
     tl.store(LSE + row, (b_mi + tl.log2(b_li)) * 0.6931471805599453, mask=m_g)
+    if COMBINE:
+        b_out = b_o * tl.load(GS + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
+        if HAS_CMP:
+            b_oc = tl.load(OC + row[:, None] * DV + o_v[None, :], mask=m_o, other=0.0).to(tl.float32)
+            b_out += b_oc * tl.load(GC + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
+        if HAS_SWA:
+            b_ow = tl.load(OW + row[:, None] * DV + o_v[None, :], mask=m_o, other=0.0).to(tl.float32)
+            b_out += b_ow * tl.load(GW + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
+        tl.store(OUT + row[:, None] * DV + o_v[None, :], b_out.to(OUT.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
 def _slc_bwd_dq_kernel(
-    Q, K, Vp, DO, LSE, DELTA, DQ, BI, qk_scale, scale, Tq, Tk,
+    Q, K, Vp, DO, GATE, LSE, DELTA, DQ, DQ_IN, BI, qk_scale, scale, Tq, Tk,
     S: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ADD_DQ: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1)
@@ -103,7 +131,7 @@ def _slc_bwd_dq_kernel(
 
     row = (i_b * Tq + i_t) * HQ + i_h * G + o_g
     b_q = tl.load(Q + row[:, None] * DK + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.0)
-    b_do = tl.load(DO + row[:, None] * DV + o_v[None, :], mask=m_g[:, None] & m_v[None, :], other=0.0)
+    b_do = _gated_rows(DO, GATE, row, m_g, m_v, o_v, DV, HAS_GATE)
     b_lse = tl.load(LSE + row, mask=m_g, other=0.0) * 1.4426950408889634
     b_delta = tl.load(DELTA + row, mask=m_g, other=0.0)
     b_dq = tl.zeros([BG, BK], dtype=tl.float32)
@@ -113,24 +141,26 @@ def _slc_bwd_dq_kernel(
         o_n = blk * BS + o_j
         valid = (blk >= 0) & (o_j < BS) & (o_n <= P)
         krow = (i_b * Tk + o_n) * H + i_h
-        b_kt = tl.load(K + krow[None, :] * DK + o_k[:, None], mask=valid[None, :] & m_k[:, None], other=0.0)
         b_k = tl.load(K + krow[:, None] * DK + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
-        b_vt = tl.load(Vp + krow[None, :] * DV + o_v[:, None], mask=valid[None, :] & m_v[:, None], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+        b_v = tl.load(Vp + krow[:, None] * DV + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         b_p = tl.where(valid[None, :] & m_g[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
     b_dq = b_dq * scale
-    tl.store(DQ + row[:, None] * DK + o_k[None, :], b_dq.to(DQ.dtype.element_ty), mask=m_g[:, None] & m_k[None, :])
+    m_dq = m_g[:, None] & m_k[None, :]
+    if ADD_DQ:
+        b_dq += tl.load(DQ_IN + row[:, None] * DK + o_k[None, :], mask=m_dq, other=0.0).to(tl.float32)
+    tl.store(DQ + row[:, None] * DK + o_k[None, :], b_dq.to(DQ.dtype.element_ty), mask=m_dq)
 
 
 @triton.jit
 def _slc_bwd_dkdv_kernel(
-    Q, K, Vp, DO, LSE, DELTA, DK_out, DV_out, OFFSETS, QIDX, qk_scale, scale, Tq, Tk, NB,
+    Q, K, Vp, DO, GATE, LSE, DELTA, DK_out, DV_out, DKC, DVC, OFFSETS, QIDX, qk_scale, scale, Tq, Tk, NB, NBC,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BS: tl.constexpr, BG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ADD_CMP: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1)
@@ -162,21 +192,26 @@ def _slc_bwd_dkdv_kernel(
         P = i_t + Tk - Tq
         row = (i_b * Tq + i_t) * HQ + i_h * G + r_g  # [R]
         b_q = tl.load(Q + row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_qt = tl.load(Q + row[None, :] * DK + o_k[:, None], mask=m_r[None, :] & m_k[:, None], other=0.0)
-        b_do = tl.load(DO + row[:, None] * DV + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-        b_dot = tl.load(DO + row[None, :] * DV + o_v[:, None], mask=m_r[None, :] & m_v[:, None], other=0.0)
+        b_do = _gated_rows(DO, GATE, row, m_r, m_v, o_v, DV, HAS_GATE)
         b_lse = tl.load(LSE + row, mask=m_r, other=0.0) * 1.4426950408889634
         b_delta = tl.load(DELTA + row, mask=m_r, other=0.0)
 
-        b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, R]
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, R]
         allowed = m_n[:, None] & m_r[None, :] & (o_n[:, None] <= P[None, :])
         b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-        b_dpt = tl.dot(b_v, b_dot, input_precision=PRECISION)  # [BN, R]
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, R]
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
 
     b_dk = b_dk * scale
+    if ADD_CMP:  # the gradient of this block's mean-pooled key / value, when the block is complete
+        full = i_c < NBC
+        crow = (i_b * NBC + i_c) * H + i_h
+        b_dkc = tl.load(DKC + crow * DK + o_k, mask=m_k & full, other=0.0).to(tl.float32)
+        b_dvc = tl.load(DVC + crow * DV + o_v, mask=m_v & full, other=0.0).to(tl.float32)
+        b_dk += b_dkc[None, :] * (1.0 / BS)
+        b_dv += b_dvc[None, :] * (1.0 / BS)
     tl.store(DK_out + krow[:, None] * DK + o_k[None, :], b_dk.to(DK_out.dtype.element_ty),
              mask=m_n[:, None] & m_k[None, :])
     tl.store(DV_out + krow[:, None] * DV + o_v[None, :], b_dv.to(DV_out.dtype.element_ty),
@@ -205,23 +240,33 @@ def clean_block_indices(block_indices: torch.Tensor, num_keys: int, block_size: 
     return idx.masked_fill(dup, -1).to(torch.int32).contiguous()
 
 
-def slc_fwd(q, k, v, block_indices, block_size: int, scale: float):
-    """-> (o [B, T_q, HQ, V] in q.dtype, lse [B, T_q, HQ] float32). Inputs contiguous, block_indices cleaned."""
+def slc_fwd(q, k, v, block_indices, block_size: int, scale: float, combine: Optional[dict] = None):
+    """-> (o [B, T_q, HQ, V] in q.dtype, lse [B, T_q, HQ] float32, out). Inputs contiguous, block_indices cleaned.
+
+    ``combine``: None (out is None), or a dict with the gates ``g_slc`` (required), ``g_cmp`` / ``g_swa`` and the
+    branch outputs ``o_cmp`` / ``o_swa`` (each pair present or None), all contiguous [B, T_q, HQ, *]: out is then the
+    gated sum of the branches in q.dtype."""
     B, Tq, HQ, DK = q.shape
     Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     S = block_indices.shape[-1]
     o = torch.empty(B, Tq, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(o) if combine is not None else None
     if B * Tq == 0:
-        return o, lse
+        return o, lse, out
+    c = combine or {}
+    has_cmp, has_swa = c.get("g_cmp") is not None, c.get("g_swa") is not None
     BG, BN, BK, BV = _tiles(q, v, block_size, G)
     _slc_fwd_kernel[(Tq, B * H)](
-        q, k, v, o, lse, block_indices, scale * LOG2E, Tq, Tk,
+        q, k, v, o, lse, block_indices, c.get("o_cmp") if has_cmp else o, c.get("o_swa") if has_swa else o,
+        c.get("g_cmp") if has_cmp else lse, c.get("g_slc", lse), c.get("g_swa") if has_swa else lse,
+        out if out is not None else o, scale * LOG2E, Tq, Tk,
         S=S, HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BG=BG, BN=BN, BK=BK, BV=BV, PRECISION=_precision(q),
+        COMBINE=combine is not None, HAS_CMP=has_cmp, HAS_SWA=has_swa,
         num_warps=4, num_stages=1 if triton_interpreting() else 2,
     )
-    return o, lse
+    return o, lse, out
 
 
 def _query_lists(block_indices: torch.Tensor, H: int, num_blocks: int):
@@ -239,31 +284,43 @@ def _query_lists(block_indices: torch.Tensor, H: int, num_blocks: int):
     return offsets, qidx
 
 
-def slc_bwd(q, k, v, o, lse, do, block_indices, block_size: int, scale: float):
-    """Gradients (dq, dk, dv) of the selected attention, in the dtypes of q, k, v."""
+def slc_bwd(q, k, v, o, lse, do, block_indices, block_size: int, scale: float, gate=None, delta=None, dq_in=None,
+            dk_cmp=None, dv_cmp=None):
+    """Gradients (dq, dk, dv) of the selected attention, in the dtypes of q, k, v.
+
+    Options (all contiguous): ``gate`` [B, T_q, HQ] scales dO's rows (dO is then the gated sum's gradient);
+    ``delta`` [B, T_q, HQ] float32 = rowsum(dO_slc * o) (computed from o otherwise); ``dq_in`` is added to dq;
+    ``dk_cmp`` / ``dv_cmp`` [B, T_k // BS, H, *]: gradients of the mean-pooled blocks, spread over their tokens."""
     B, Tq, HQ, DK = q.shape
     Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     S = block_indices.shape[-1]
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(q) if dq_in is None or dq_in.dtype != q.dtype else dq_in
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if B * Tk == 0:
         return dq, dk, dv
     BG, BN, BK, BV = _tiles(q, v, block_size, G)
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Tq, HQ]
+    if delta is None:
+        do_slc = do if gate is None else (do.float() * gate.float()[..., None])
+        delta = (o.float() * do_slc.float()).sum(-1).contiguous()  # [B, Tq, HQ]
     common = dict(HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BG=BG, BN=BN, BK=BK, BV=BV,
-                  PRECISION=_precision(q), num_warps=4 if triton_interpreting() else 8, num_stages=1)
+                  PRECISION=_precision(q), HAS_GATE=gate is not None,
+                  num_warps=4 if triton_interpreting() else 8, num_stages=1)
+    g = gate if gate is not None else lse
     if Tq > 0:
-        _slc_bwd_dq_kernel[(Tq, B * H)](q, k, v, do, lse, delta, dq, block_indices, scale * LOG2E, scale, Tq, Tk,
-                                        S=S, **common)
+        _slc_bwd_dq_kernel[(Tq, B * H)](q, k, v, do, g, lse, delta, dq, dq_in if dq_in is not None else dq,
+                                        block_indices, scale * LOG2E, scale, Tq, Tk,
+                                        S=S, ADD_DQ=dq_in is not None, **common)
     NB = triton.cdiv(Tk, block_size)
     offsets, qidx = _query_lists(block_indices, H, NB)
     if qidx.numel() == 0:
         qidx = torch.zeros(1, dtype=torch.int32, device=q.device)
     BM = max(1, 64 // BG) if not triton_interpreting() else 2
-    _slc_bwd_dkdv_kernel[(NB, B * H)](q, k, v, do, lse, delta, dk, dv, offsets, qidx, scale * LOG2E, scale, Tq, Tk,
-                                      NB, BM=BM, **common)
+    add_cmp = dk_cmp is not None
+    _slc_bwd_dkdv_kernel[(NB, B * H)](q, k, v, do, g, lse, delta, dk, dv, dk_cmp if add_cmp else dk,
+                                      dv_cmp if add_cmp else dv, offsets, qidx, scale * LOG2E, scale, Tq, Tk,
+                                      NB, Tk // block_size, BM=BM, ADD_CMP=add_cmp, **common)
     return dq, dk, dv
 
 
@@ -272,7 +329,7 @@ class SelectedAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_indices, block_size, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         block_indices = clean_block_indices(block_indices, k.shape[1], block_size)
-        o, lse = slc_fwd(q, k, v, block_indices, block_size, scale)
+        o, lse, _ = slc_fwd(q, k, v, block_indices, block_size, scale)
         ctx.save_for_backward(q, k, v, o, lse, block_indices)
         ctx.block_size, ctx.scale = block_size, scale
         return o

@@ -47,6 +47,29 @@ def test_triton_path_matches_reference(monkeypatch, B, Tq, Tk, HQ, H, D, BS, S, 
         assert_close(f"d{name}", a, b, 1e-5)
 
 
+@pytest.mark.parametrize("off", [("g_cmp",), ("g_swa",), ("g_cmp", "g_swa"), ("g_slc",), ("given_blocks",)])
+def test_triton_path_branch_subsets(monkeypatch, off):
+    """Each branch left out of the gated sum in turn (the fused function with and without the compressed / window
+    outputs; without the selected branch the generic path), and block indices given instead of selected."""
+    monkeypatch.setenv("FLA_BACKEND", "triton")
+    B, T, HQ, H, D, BS, S, W = 1, 29, 6, 2, 8, 4, 3, 6
+    ts = inputs(B, T, T, HQ, H, D)
+    for name in off:
+        if name in NAMES:
+            ts[NAMES.index(name)] = None
+    kw = dict(block_counts=S, block_size=BS, window_size=W if ts[5] is not None else 0)
+    if "given_blocks" in off:
+        kw["block_indices"] = torch.randint(-1, (T + BS - 1) // BS, (B, T, H, S))
+    ref = naive_nsa(*ts, **kw)
+    out = parallel_nsa(*ts, **kw)
+    assert_close("o", out, ref, 1e-5)
+    do = torch.randn_like(ref)
+    live = [t for t in ts if t is not None]
+    names = [n for n, t in zip(NAMES, ts) if t is not None]
+    for name, a, b in zip(names, grads(out, live, do), grads(ref, live, do)):
+        assert_close(f"d{name}", a, b, 1e-5)
+
+
 def test_selected_attention_kernel_with_repeated_and_invalid_blocks():
     q, k, v = [t.detach().requires_grad_() for t in inputs(1, 30, 30, 2, 1, 8)[:3]]
     idx = torch.randint(-1, 5, (1, 30, 1, 4))
