@@ -13,6 +13,7 @@
 #   bench-train (300): python -m benchmarks.training at seq 4096 and 16384
 #   tune-attn (300): python -m benchmarks.ops.tune_attn, the tile / warp / stage sweep of the attention and LTE kernels
 #   profile-nsa (120): python -m benchmarks.ops.profile_nsa, the per-kernel CUDA time of NSA prefill and decode
+#   tune-nsa (120): python -m benchmarks.ops.tune_nsa, the launch-setting sweep of NSA's selected-attention kernels
 #   train-1gpu / train-2gpu (240): the paper's command line on the 0.4B laLTE config, shipped corpus, 30 steps
 # A stage that fails or runs out of time is reported in OUT/summary.txt; the next one still runs.
 # Environment: OUT (required), PYTHON (default python3), PYTEST_WORKERS (xdist workers for tests, default 4),
@@ -88,6 +89,7 @@ run_stage() {  # $1 = name, $2 = limit
       --out "$OUT/training" ;;
     tune-attn) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.tune_attn --out "$OUT/tune" ;;
     profile-nsa) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.profile_nsa ;;
+    tune-nsa) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.tune_nsa ;;
     train-1gpu) train_stage "$limit" 1 ;;
     train-2gpu) train_stage "$limit" 2 ;;
     *) echo "unknown stage $name"; return 2 ;;

@@ -240,7 +240,15 @@ def clean_block_indices(block_indices: torch.Tensor, num_keys: int, block_size: 
     return idx.masked_fill(dup, -1).to(torch.int32).contiguous()
 
 
-def slc_fwd(q, k, v, block_indices, block_size: int, scale: float, combine: Optional[dict] = None):
+# launch settings: (num_warps, num_stages) of the forward and dq kernels, (num_warps, num_stages, BM queries a tile)
+# of the dk/dv kernel; ``launch`` arguments override them (benchmarks.ops.tune_nsa)
+FWD_LAUNCH = (4, 2)
+DQ_LAUNCH = (8, 1)
+DKDV_LAUNCH = (8, 1, None)  # BM None: 64 // BG (64 rows a tile)
+
+
+def slc_fwd(q, k, v, block_indices, block_size: int, scale: float, combine: Optional[dict] = None,
+            launch: Optional[Tuple[int, int]] = None):
     """-> (o [B, T_q, HQ, V] in q.dtype, lse [B, T_q, HQ] float32, out). Inputs contiguous, block_indices cleaned.
 
     ``combine``: None (out is None), or a dict with the gates ``g_slc`` (required), ``g_cmp`` / ``g_swa`` and the
@@ -263,10 +271,16 @@ def slc_fwd(q, k, v, block_indices, block_size: int, scale: float, combine: Opti
         c.get("g_cmp") if has_cmp else lse, c.get("g_slc", lse), c.get("g_swa") if has_swa else lse,
         out if out is not None else o, scale * LOG2E, Tq, Tk,
         S=S, HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BG=BG, BN=BN, BK=BK, BV=BV, PRECISION=_precision(q),
-        COMBINE=combine is not None, HAS_CMP=has_cmp, HAS_SWA=has_swa,
-        num_warps=4, num_stages=1 if triton_interpreting() else 2,
+        COMBINE=combine is not None, HAS_CMP=has_cmp, HAS_SWA=has_swa, **_launch(launch or FWD_LAUNCH),
     )
     return o, lse, out
+
+
+def _launch(cfg) -> dict:
+    """Triton launch keywords from (num_warps, num_stages, ...); one warp group and one stage in the interpreter."""
+    if triton_interpreting():
+        return dict(num_warps=4, num_stages=1)
+    return dict(num_warps=cfg[0], num_stages=cfg[1])
 
 
 def _query_lists(block_indices: torch.Tensor, H: int, num_blocks: int):
@@ -285,7 +299,7 @@ def _query_lists(block_indices: torch.Tensor, H: int, num_blocks: int):
 
 
 def slc_bwd(q, k, v, o, lse, do, block_indices, block_size: int, scale: float, gate=None, delta=None, dq_in=None,
-            dk_cmp=None, dv_cmp=None):
+            dk_cmp=None, dv_cmp=None, dq_launch=None, dkdv_launch=None):
     """Gradients (dq, dk, dv) of the selected attention, in the dtypes of q, k, v.
 
     Options (all contiguous): ``gate`` [B, T_q, HQ] scales dO's rows (dO is then the gated sum's gradient);
@@ -305,22 +319,22 @@ def slc_bwd(q, k, v, o, lse, do, block_indices, block_size: int, scale: float, g
         do_slc = do if gate is None else (do.float() * gate.float()[..., None])
         delta = (o.float() * do_slc.float()).sum(-1).contiguous()  # [B, Tq, HQ]
     common = dict(HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BG=BG, BN=BN, BK=BK, BV=BV,
-                  PRECISION=_precision(q), HAS_GATE=gate is not None,
-                  num_warps=4 if triton_interpreting() else 8, num_stages=1)
+                  PRECISION=_precision(q), HAS_GATE=gate is not None)
     g = gate if gate is not None else lse
     if Tq > 0:
         _slc_bwd_dq_kernel[(Tq, B * H)](q, k, v, do, g, lse, delta, dq, dq_in if dq_in is not None else dq,
                                         block_indices, scale * LOG2E, scale, Tq, Tk,
-                                        S=S, ADD_DQ=dq_in is not None, **common)
+                                        S=S, ADD_DQ=dq_in is not None, **common, **_launch(dq_launch or DQ_LAUNCH))
     NB = triton.cdiv(Tk, block_size)
     offsets, qidx = _query_lists(block_indices, H, NB)
     if qidx.numel() == 0:
         qidx = torch.zeros(1, dtype=torch.int32, device=q.device)
-    BM = max(1, 64 // BG) if not triton_interpreting() else 2
+    cfg = dkdv_launch or DKDV_LAUNCH
+    BM = 2 if triton_interpreting() else (cfg[2] or max(1, 64 // BG))
     add_cmp = dk_cmp is not None
     _slc_bwd_dkdv_kernel[(NB, B * H)](q, k, v, do, g, lse, delta, dk, dv, dk_cmp if add_cmp else dk,
                                       dv_cmp if add_cmp else dv, offsets, qidx, scale * LOG2E, scale, Tq, Tk,
-                                      NB, Tk // block_size, BM=BM, ADD_CMP=add_cmp, **common)
+                                      NB, Tk // block_size, BM=BM, ADD_CMP=add_cmp, **common, **_launch(cfg))
     return dq, dk, dv
 
 
