@@ -241,10 +241,20 @@ def clean_block_indices(block_indices: torch.Tensor, num_keys: int, block_size: 
 
 
 # launch settings: (num_warps, num_stages) of the forward and dq kernels, (num_warps, num_stages, BM queries a tile)
-# of the dk/dv kernel; ``launch`` arguments override them (benchmarks.ops.tune_nsa)
-FWD_LAUNCH = (4, 2)
-DQ_LAUNCH = (8, 1)
-DKDV_LAUNCH = (8, 1, None)  # BM None: 64 // BG (64 rows a tile)
+# of the dk/dv kernel; ``launch`` arguments override them (benchmarks.ops.tune_nsa). bf16 / fp16 with head dims <= 64:
+# the fastest of the H200 sweep at B8-T4096-HQ32-H2-D64 (forward 1.99 ms vs 2.48 with (4, 2); dq and dk/dv kernels
+# 2.9 ms and 1.2 ms faster than (8, 1)). float32 or larger heads: one stage (two overflow shared memory at fp32 D128)
+FWD_LAUNCH = (2, 2)
+DQ_LAUNCH = (2, 2)
+DKDV_LAUNCH = (4, 1, None)  # BM None: 64 // BG (64 rows a tile)
+WIDE_LAUNCH = ((4, 1), (8, 1), (8, 1, None))  # (forward, dq, dk/dv) for float32 or head dims > 64
+
+
+def _defaults(q: torch.Tensor, v: torch.Tensor):
+    """(forward, dq, dk/dv) launch settings for these inputs."""
+    if q.dtype != torch.float32 and max(q.shape[-1], v.shape[-1]) <= 64:
+        return FWD_LAUNCH, DQ_LAUNCH, DKDV_LAUNCH
+    return WIDE_LAUNCH
 
 
 def slc_fwd(q, k, v, block_indices, block_size: int, scale: float, combine: Optional[dict] = None,
@@ -271,7 +281,7 @@ def slc_fwd(q, k, v, block_indices, block_size: int, scale: float, combine: Opti
         c.get("g_cmp") if has_cmp else lse, c.get("g_slc", lse), c.get("g_swa") if has_swa else lse,
         out if out is not None else o, scale * LOG2E, Tq, Tk,
         S=S, HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BG=BG, BN=BN, BK=BK, BV=BV, PRECISION=_precision(q),
-        COMBINE=combine is not None, HAS_CMP=has_cmp, HAS_SWA=has_swa, **_launch(launch or FWD_LAUNCH),
+        COMBINE=combine is not None, HAS_CMP=has_cmp, HAS_SWA=has_swa, **_launch(launch or _defaults(q, v)[0]),
     )
     return o, lse, out
 
@@ -324,12 +334,13 @@ def slc_bwd(q, k, v, o, lse, do, block_indices, block_size: int, scale: float, g
     if Tq > 0:
         _slc_bwd_dq_kernel[(Tq, B * H)](q, k, v, do, g, lse, delta, dq, dq_in if dq_in is not None else dq,
                                         block_indices, scale * LOG2E, scale, Tq, Tk,
-                                        S=S, ADD_DQ=dq_in is not None, **common, **_launch(dq_launch or DQ_LAUNCH))
+                                        S=S, ADD_DQ=dq_in is not None, **common,
+                                        **_launch(dq_launch or _defaults(q, v)[1]))
     NB = triton.cdiv(Tk, block_size)
     offsets, qidx = _query_lists(block_indices, H, NB)
     if qidx.numel() == 0:
         qidx = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cfg = dkdv_launch or DKDV_LAUNCH
+    cfg = dkdv_launch or _defaults(q, v)[2]
     BM = 2 if triton_interpreting() else (cfg[2] or max(1, 64 // BG))
     add_cmp = dk_cmp is not None
     _slc_bwd_dkdv_kernel[(NB, B * H)](q, k, v, do, g, lse, delta, dk, dv, dk_cmp if add_cmp else dk,
