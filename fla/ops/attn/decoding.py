@@ -4,8 +4,9 @@ Two implementations of ``fla.ops.attn.naive.naive_attn_decoding`` (the float32 t
 
 - torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): the reference math vectorised in float32, with GQA by
   reshaping the query heads into [B, H, G] groups (no repeat of the cache).
-- Triton path (``fla.ops.attn.decoding_kernels``): one program per (row, query head) streaming over the cache with an
-  online softmax. Default on CUDA (its tests pass on an H200 with Triton 3.6).
+- Triton path (``fla.ops.attn.decoding_kernels``): split-K over the visible keys, one program per (row, kv head,
+  split) with the G query heads of the group as the rows of ``tl.dot`` (each K/V block read once per group), online
+  softmax in float32, partials merged by a combine kernel when there is more than one split. Default on CUDA.
 
 Cache convention: row b's valid keys are ``seq_start[b] .. S - 1`` (left padding); the newest token's key and value
 are already the last cache entry. With ``window_size = w`` the query sees only the last w valid keys. A row with
@@ -57,7 +58,7 @@ def attn_decoding_one_step(
         q: [B, 1, HQ, D]; k: [B, S, H, D], v: [B, S, H, V]: left-padded caches, one float dtype; HQ a multiple of H.
         scale: default D ** -0.5.
         window_size: None or w >= 1: only the last w valid keys (the newest included) are seen.
-        seq_start: [B] integer first valid cache index per row (None: all valid).
+        seq_start: [B] int32 or int64 first valid cache index per row (None: all valid); used as given, no copy.
 
     Returns:
         o [B, 1, HQ, V] in q.dtype.
