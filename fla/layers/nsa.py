@@ -21,10 +21,17 @@ Cache (``fla.models.utils.Cache`` at ``layer_idx``), per row n of the batch:
   valid for c < attn_lengths[n] // block_size), written once when the block completes, never re-pooled.
 
 Three paths: no cached tokens (training, prefill: ``parallel_nsa``, packed by ``cu_seqlens`` with a padding mask);
-one new token per row (``nsa_decoding_one_step``: O(history / block_size + block_counts * block_size +
-window_size) per step); several new tokens on a non-empty cache (chunked prefill: ``parallel_nsa`` with a
-``(cu_q, cu_k)`` pair over the cached + new keys). The cached paths are inference-only: the stored tensors are
-detached, so no gradient flows into earlier tokens through the cache.
+one new token per row (``nsa_cache_append_one`` + ``nsa_decoding_one_step``: O(history / block_size +
+block_counts * block_size + window_size) per step); several new tokens on a non-empty cache (chunked prefill:
+``parallel_nsa`` with a ``(cu_q, cu_k)`` pair over the cached + new keys). The cached paths are inference-only: the
+stored tensors are detached, so no gradient flows into earlier tokens through the cache.
+
+The one-token step reads no device value on the host (no synchronisation with the GPU): its capacity check uses a
+host-side bound, the cache's seen-token count of the layer (every row holds at most that many tokens; left padding
+only makes rows shorter), and padding rows are masked on the device. When the bound exceeds the capacity the
+tensors grow (a copy, amortised by geometric growth); ``reserve_cache`` grows them once up front, after which every
+step writes in place into the same tensors. The prefill and chunked-prefill paths read lengths on the host (to size
+the appended and packed tensors).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from fla.layers.utils import check_mixer_inputs, pad_input, padding_mask, unpad_input
+from fla.layers.utils import check_mixer_inputs, check_padding_mask, pad_input, padding_mask, unpad_input
 from fla.modules import RotaryEmbedding
 from fla.ops.utils.index import prepare_cu_seqlens_from_lens, prepare_lens, prepare_position_ids
 from fla.utils import check_positive_int
@@ -154,22 +161,17 @@ class NativeSparseAttention(nn.Module):
         batch_size, q_len, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
 
-        mask = padding_mask(attention_mask, batch_size, q_len, cu_seqlens)
-
-        cached = None
-        if past_key_values is not None and len(past_key_values) > self.layer_idx:
-            state = past_key_values[self.layer_idx]
-            if state.get("attn_state") is not None:
-                if state.get("nsa_cmp_state") is None or state.get("attn_lengths") is None:
-                    raise ValueError(f"the cache of layer {self.layer_idx} holds no NSA state (attn_lengths, "
-                                     "nsa_cmp_state); was it filled by another layer type?")
-                cached = (*state["attn_state"], *state["nsa_cmp_state"], state["attn_lengths"])
+        cached = self._cached_state(past_key_values)
         store = use_cache and past_key_values is not None
 
         if cached is not None and q_len == 1 and cu_seqlens is None:
+            # the mask's last column is used on the device as it is: padding_mask's "no padding at all?" test
+            # would read it on the host
+            mask = None if attention_mask is None else check_padding_mask(attention_mask, batch_size, q_len)
             o = self._decode(hidden_states, mask, cached, past_key_values, store)
             return self.o_proj(o.flatten(-2)), None, past_key_values
 
+        mask = padding_mask(attention_mask, batch_size, q_len, cu_seqlens)
         indices = None
         if mask is not None:
             hidden_states, indices, cu_seqlens, _ = unpad_input(hidden_states, mask)
@@ -213,32 +215,82 @@ class NativeSparseAttention(nn.Module):
         return parallel_nsa(q, k, v, g_cmp, g_slc, g_swa if self.window_size else None, cu_seqlens=cu_seqlens,
                             **self._op_kwargs())
 
+    def _cached_state(self, past_key_values):
+        """(k, v, k_cmp, v_cmp, lengths) of this layer in ``past_key_values``, or None when it holds nothing yet."""
+        if past_key_values is None or len(past_key_values) <= self.layer_idx:
+            return None
+        state = past_key_values[self.layer_idx]
+        if state.get("attn_state") is None:
+            return None
+        if state.get("nsa_cmp_state") is None or state.get("attn_lengths") is None:
+            raise ValueError(f"the cache of layer {self.layer_idx} holds no NSA state (attn_lengths, nsa_cmp_state); "
+                             "was it filled by another layer type?")
+        return (*state["attn_state"], *state["nsa_cmp_state"], state["attn_lengths"])
+
     def _empty_state(self, n: int, like: torch.Tensor):
         C = self.block_size
         k = like.new_zeros(n, C, self.num_kv_heads, self.head_dim)
         kc = like.new_zeros(n, 1, self.num_kv_heads, self.head_dim)
         return (k, k.clone(), kc, kc.clone())
 
+    def _grow(self, state, capacity: int):
+        """The state's tensors with room for ``capacity`` tokens (rounded up to block_size), zero-filled after the
+        old capacity; the given tensors when they already have it."""
+        k, v, kc, vc = state
+        C = k.shape[1]
+        new_c = _round_up(capacity, self.block_size)
+        if new_c <= C:
+            return state
+        pad = new_c - C
+        k = torch.cat([k, k.new_zeros(k.shape[0], pad, *k.shape[2:])], 1)
+        v = torch.cat([v, v.new_zeros(v.shape[0], pad, *v.shape[2:])], 1)
+        nb = new_c // self.block_size - kc.shape[1]
+        kc = torch.cat([kc, kc.new_zeros(kc.shape[0], nb, *kc.shape[2:])], 1)
+        vc = torch.cat([vc, vc.new_zeros(vc.shape[0], nb, *vc.shape[2:])], 1)
+        return k, v, kc, vc
+
     def _reserve(self, state, needed: int, copy: bool):
         """The state with a capacity of at least ``needed`` tokens (grown by half at least, so appends amortise);
         ``copy``: never write into the given tensors (a forward that does not store)."""
-        k, v, kc, vc = state
-        C = k.shape[1]
+        C = state[0].shape[1]
         if needed > C:
-            new_c = _round_up(max(needed, C + C // 2), self.block_size)
-            pad = new_c - C
-            k = torch.cat([k, k.new_zeros(k.shape[0], pad, *k.shape[2:])], 1)
-            v = torch.cat([v, v.new_zeros(v.shape[0], pad, *v.shape[2:])], 1)
-            nb = new_c // self.block_size - kc.shape[1]
-            kc = torch.cat([kc, kc.new_zeros(kc.shape[0], nb, *kc.shape[2:])], 1)
-            vc = torch.cat([vc, vc.new_zeros(vc.shape[0], nb, *vc.shape[2:])], 1)
-        elif copy:
-            k, v = k.clone(), v.clone()
-        return k, v, kc, vc
+            return self._grow(state, max(needed, C + C // 2))
+        if copy:
+            return tuple(t.clone() for t in state)
+        return tuple(state)
+
+    def reserve_cache(self, past_key_values, capacity: int) -> int:
+        """Grow this layer's cached tensors to hold at least ``capacity`` tokens per row (rounded up to
+        ``block_size``), so that the decoding steps up to that length write in place and never reallocate (a
+        serving loop, or a CUDA graph capturing the step, then sees the same tensors every step).
+
+        The decode step grows the tensors when the layer's seen-token count (``past_key_values.get_seq_length``:
+        the padded prompt length plus the tokens decoded since) would pass the capacity, so reserve for that count:
+        the padded prompt length plus the tokens still to be generated.
+
+        Args:
+            past_key_values: the ``fla.models.utils.Cache`` this layer has stored its prefill in.
+            capacity: int >= 1, tokens per row to make room for.
+
+        Returns:
+            the capacity now held (>= capacity; an already larger cache is left as it is).
+        """
+        check_positive_int("capacity", capacity)
+        if self.layer_idx is None:
+            raise ValueError("layer_idx must be set (the layer's slot in the cache) to reserve its cache")
+        cached = self._cached_state(past_key_values)
+        if cached is None:
+            raise ValueError(f"past_key_values holds no state of layer {self.layer_idx}: run the prefill with "
+                             "use_cache=True first (the cache's rows, dtype and device come from it)")
+        state = self._grow(cached[:4], capacity)
+        if state[0] is not cached[0]:
+            self._store(past_key_values, state, None, 0)
+        return state[0].shape[1]
 
     def _append(self, state, k_new, v_new, lengths, lens, cu_seqlens, copy: bool = False):
         """Write ``lens[n]`` new tokens of each row after its ``lengths[n]`` cached ones; pool completed blocks.
-        k_new / v_new: packed [1, total, ...] with ``cu_seqlens`` or [N, L, ...] (all L tokens real)."""
+        k_new / v_new: packed [1, total, ...] with ``cu_seqlens`` or [N, L, ...] (all L tokens real).
+        Prefill paths only: the capacity check and the pooling read lengths on the host."""
         from fla.ops.nsa import append_compressed_blocks
         new_lengths = lengths + lens
         needed = int(new_lengths.max()) if new_lengths.numel() else 0
@@ -270,32 +322,35 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"the cache of layer {self.layer_idx} holds {cached[0].shape[0]} sequences, but the input "
                              f"has {n}")
 
+    def _length_bound(self, past_key_values, lengths: torch.Tensor, new_tokens: int) -> int:
+        """A host-side upper bound on every row's length after ``new_tokens`` more tokens: the layer's seen-token
+        count (padded prompt length + steps) plus ``new_tokens``, read without a device sync."""
+        seen = past_key_values.get_seq_length(self.layer_idx)
+        if seen <= 0:  # a state without a count (a legacy cache converted with seen_tokens=0): read the lengths
+            return (int(lengths.max()) if lengths.numel() else 0) + new_tokens
+        return seen + new_tokens
+
     def _decode(self, hidden_states, mask, cached, past_key_values, store):
-        """One new token per row against the cache."""
-        from fla.ops.nsa import nsa_decoding_one_step
+        """One new token per row against the cache, with no host read of a device value (see the module
+        docstring). ``mask``: the checked [N, 1] last mask column or None; a row whose column is 0 is padding (not
+        written, its length kept, zero output)."""
+        from fla.ops.nsa import nsa_cache_append_one, nsa_decoding_one_step
         self._check_cache_rows(hidden_states.shape[0], cached)
         lengths = cached[4].to(hidden_states.device)
         q, k, v, gates = self._project(hidden_states)
         q, k = self.rotary(q, k, seqlen_offset=lengths)
-        real = torch.ones_like(lengths) if mask is None else (mask[:, -1] != 0).long()
-        state = self._append(cached[:4], k, v, lengths, real, None, copy=not store) if bool(real.all()) else \
-            self._append_some(cached[:4], k, v, lengths, real, store)
-        new_lengths = lengths + real
+        state = self._reserve(cached[:4], self._length_bound(past_key_values, lengths, 1), copy=not store)
+        real = None if mask is None else mask[:, -1] != 0
+        nsa_cache_append_one(*state, k[:, 0], v[:, 0], lengths, real, self.block_size)
+        new_lengths = lengths + (1 if real is None else real.to(lengths.dtype))
         g_cmp, g_slc, g_swa = gates
-        o = nsa_decoding_one_step(q, state[0], state[1], state[2], state[3], new_lengths, g_cmp, g_slc,
-                                  g_swa if self.window_size else None, **self._op_kwargs())
-        if mask is not None:  # a padded token outputs zero, as on the parallel path
+        o = nsa_decoding_one_step(q, *state, new_lengths, g_cmp, g_slc, g_swa if self.window_size else None,
+                                  **self._op_kwargs())
+        if real is not None:  # a padded token outputs zero, as on the parallel path
             o = o * real[:, None, None, None].to(o.dtype)
         if store:
             self._store(past_key_values, state, new_lengths, 1)
         return o
-
-    def _append_some(self, state, k, v, lengths, real, store):
-        """Append the new token of the rows where ``real`` is 1 only."""
-        keep = real.bool()
-        lens = real
-        cu = prepare_cu_seqlens_from_lens(lens, torch.int64)
-        return self._append(state, k[keep, 0][None], v[keep, 0][None], lengths, lens, cu, copy=not store)
 
     def _chunked_prefill(self, q, k, v, gates, lens, cu_seqlens, cached, past_key_values, store, q_len):
         """Several new tokens per row on a non-empty cache: append, then attend over cached + new keys.

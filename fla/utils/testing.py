@@ -1,4 +1,5 @@
-"""Helpers for the test suite: relative-error comparison, NaN poisoning of fresh allocations, interpreter fixes."""
+"""Helpers for the test suite: relative-error comparison, NaN poisoning of fresh allocations, interpreter fixes, a
+context that fails on host reads of device values (``forbid_host_sync``)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,64 @@ def patch_interpreter_bf16_rounding() -> None:
 
     cast_impl._fla_bf16_patched = True
     builder_cls.cast_impl = cast_impl
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+_MASK_INDEX_DTYPES = (torch.bool, torch.uint8)
+
+
+def _host_sync_error(what: str) -> AssertionError:
+    return AssertionError(f"host synchronisation: {what} reads device values on the host (on a GPU the host would "
+                          "wait for the device here)")
+
+
+def _syncing_op(func, args, kwargs) -> bool:
+    """Whether the aten op needs device values on the host: to answer (``_local_scalar_dense``, ``equal``) or to size
+    its output (``nonzero`` and boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave`` without
+    ``output_size``, ``bincount``)."""
+    aten = torch.ops.aten
+    packet = func.overloadpacket
+    if packet in (aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.equal, aten.is_nonzero,
+                  aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.bincount):
+        return True
+    if func is aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype in _MASK_INDEX_DTYPES for i in indices)
+    return False
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Within the context, code that reads tensor values on the host raises ``AssertionError``: ``Tensor.item``,
+    ``tolist``, ``bool()``, ``int()``, ``float()``, use as an index, and the aten ops that need values on the host
+    (``_syncing_op``: boolean-mask indexing, ``nonzero``, ``masked_select``, ``unique``, ...). On CUDA each of them
+    stalls the host until the device catches up; this context finds them in CPU tests. (On a GPU,
+    ``torch.cuda.set_sync_debug_mode('error')`` also catches explicit device-to-host copies.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostSync(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if _syncing_op(func, args, kwargs):
+                raise _host_sync_error(str(func))
+            return func(*args, **kwargs)
+
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise _host_sync_error(f"Tensor.{name}")
+        return read
+
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _HOST_READS}  # None: inherited from TensorBase
+    for name in _HOST_READS:
+        setattr(torch.Tensor, name, forbidden(name))
+    try:
+        with NoHostSync():
+            yield
+    finally:
+        for name, original in saved.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)

@@ -1,5 +1,6 @@
 """NativeSparseAttention layer: parameters, the reference computation, padding == packing == per-sequence runs,
-cached decoding and chunked prefill == one pass with random left padding, the incrementally kept compressed cache."""
+cached decoding and chunked prefill == one pass with random left padding, the incrementally kept compressed cache;
+the one-token decode step reads no device value on the host, ``reserve_cache`` keeps later steps in place."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from fla.layers.nsa import NativeSparseAttention
 from fla.models.utils import Cache
 from fla.ops.nsa import mean_pool_blocks, naive_nsa
-from fla.utils.testing import assert_close
+from fla.utils.testing import assert_close, forbid_host_sync
 
 H = 32
 BS = 4
@@ -175,3 +176,159 @@ def test_triton_backend_matches_torch_backend(monkeypatch):
     assert_close("o", outs[1], outs[0], 1e-5)
     for (name, _), a, b in zip(layer.named_parameters(), grads[1], grads[0]):
         assert_close(f"d{name}", a, b, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the one-token decode step: no host synchronisation, padding steps, reserve_cache
+
+
+def cache_tensors(cache, layer_idx=0):
+    state = cache[layer_idx]
+    return (*state["attn_state"], *state["nsa_cmp_state"])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "left_padded", "padding_steps"])
+def test_decode_step_reads_no_device_value_on_the_host(device, mask_kind):
+    """After the prefill, decode steps (growing the cache, completing blocks, with and without a mask, storing or
+    not) never read a device value on the host. With ``padding_steps`` some rows get padding tokens between real
+    ones: those output zero, keep their length, and the real tokens equal a forward over the real tokens alone."""
+    layer = make_layer(device).eval()
+    prefill, steps = 7, 9  # capacity 8 after the prefill: the steps grow it and complete blocks
+    T = prefill + steps
+    x = torch.randn(3, T, H, device=device)
+    mask = torch.ones(3, T, dtype=torch.long, device=device)
+    if mask_kind != "none":
+        mask[:, :prefill] = left_mask([7, 3, 5], prefill, device)
+    if mask_kind == "padding_steps":
+        mask[1, [8, 9, 13]] = 0
+        mask[2, T - 1] = 0
+    cache = Cache()
+    with torch.no_grad():
+        m = None if mask_kind == "none" else mask
+        outs = [layer(x[:, :prefill], attention_mask=None if m is None else m[:, :prefill], past_key_values=cache,
+                      use_cache=True)[0]]
+        with forbid_host_sync():
+            for t in range(prefill, T):
+                outs.append(layer(x[:, t:t + 1], attention_mask=None if m is None else m[:, :t + 1],
+                                  past_key_values=cache, use_cache=True)[0])
+            layer(x[:, -1:], attention_mask=None if m is None else m, past_key_values=cache, use_cache=False)
+        out = torch.cat(outs, 1)
+        lens = mask.sum(1).tolist()
+        assert cache[0]["attn_lengths"].tolist() == lens
+        check_compressed_cache(layer, cache)
+        for b in range(3):
+            real = mask[b].bool()
+            ref, _, _ = layer(x[b:b + 1, real])
+            assert_close(f"row {b}", out[b:b + 1, real], ref, 1e-5)
+            assert torch.equal(out[b, ~real], torch.zeros_like(out[b, ~real]))
+
+
+def test_reserve_cache_then_decoding_writes_in_place(device):
+    layer = make_layer(device).eval()
+    prefill, T = 5, 25
+    x = torch.randn(2, T, H, device=device)
+    cache = Cache()
+    with torch.no_grad():
+        outs = [layer(x[:, :prefill], past_key_values=cache, use_cache=True)[0]]
+        assert layer.reserve_cache(cache, T) == 28  # rounded up to block_size
+        assert cache.get_seq_length(0) == prefill and cache[0]["attn_lengths"].tolist() == [prefill] * 2
+        pointers = [t.data_ptr() for t in cache_tensors(cache)]
+        for t in range(prefill, T):
+            outs.append(layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)[0])
+            assert [t.data_ptr() for t in cache_tensors(cache)] == pointers
+        assert layer.reserve_cache(cache, 3) == 28  # already large enough: left as it is
+        assert [t.data_ptr() for t in cache_tensors(cache)] == pointers
+        full, _, _ = layer(x)
+    assert_close("reserved decoding", torch.cat(outs, 1), full, 1e-5)
+    check_compressed_cache(layer, cache)
+
+
+def test_decode_step_without_use_cache_leaves_the_cache_untouched(device):
+    """A decode step that does not store writes into copies, also when no growth is needed (after reserve_cache)
+    and when its token completes a block."""
+    layer = make_layer(device).eval()
+    x = torch.randn(2, 8, H, device=device)
+    cache = Cache()
+    with torch.no_grad():
+        layer(x[:, :7], past_key_values=cache, use_cache=True)
+        layer.reserve_cache(cache, 16)
+        before = [t.clone() for t in cache_tensors(cache)] + [cache[0]["attn_lengths"].clone()]
+        o, _, _ = layer(x[:, 7:], past_key_values=cache, use_cache=False)
+        after = list(cache_tensors(cache)) + [cache[0]["attn_lengths"]]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert cache.get_seq_length(0) == 7
+        stored, _, _ = layer(x[:, 7:], past_key_values=cache, use_cache=True)
+    assert torch.equal(o, stored)
+
+
+def test_reserve_cache_argument_errors():
+    layer = make_layer("cpu")
+    cache = Cache()
+    with pytest.raises(ValueError, match="no state of layer 0"):
+        layer.reserve_cache(cache, 10)
+    with pytest.raises(ValueError, match="no state of layer 0"):
+        layer.reserve_cache(None, 10)
+    with torch.no_grad():
+        layer(torch.randn(1, 3, H), past_key_values=cache, use_cache=True)
+    for bad in (0, -4, 2.5, True, "10", None):
+        with pytest.raises(ValueError, match="capacity"):
+            layer.reserve_cache(cache, bad)
+    with pytest.raises(ValueError, match="layer_idx"):
+        make_layer("cpu", layer_idx=None).reserve_cache(cache, 8)
+
+
+def test_cached_decoding_triton_backend_matches_torch_backend(monkeypatch):
+    """The decode steps with the Triton cache append (CPU interpreter) give the outputs and caches of the torch
+    path."""
+    layer = make_layer("cpu").eval()
+    prefill, T = 6, 11
+    x = torch.randn(2, T, H)
+    mask = left_mask([T, T - 4], T, "cpu")
+    mask[1, 8] = 0  # a padding step
+    results = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FLA_BACKEND", backend)
+        cache = Cache()
+        with torch.no_grad():
+            outs = [layer(x[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache, use_cache=True)[0]]
+            for t in range(prefill, T):
+                outs.append(layer(x[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                                  use_cache=True)[0])
+        results.append((torch.cat(outs, 1), cache_tensors(cache), cache[0]["attn_lengths"]))
+    (o_t, c_t, l_t), (o_g, c_g, l_g) = results
+    assert_close("o", o_g, o_t, 1e-5)
+    assert torch.equal(l_g, l_t)
+    for name, a, b in zip(["k", "v", "k_cmp", "v_cmp"], c_g, c_t):
+        assert_close(name, a, b, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "left_padded"])
+def test_decode_step_has_no_host_sync_on_gpu(padded):
+    """On CUDA (Triton cache append), decode steps after reserve_cache run under torch.cuda.set_sync_debug_mode
+    ('error') and equal the full forward."""
+    layer = make_layer("cuda", block_size=16, block_counts=4, window_size=32).eval()
+    prefill, T = 40, 100
+    lens = [T, T - 17]
+    x = torch.randn(2, T, H, device="cuda")
+    mask = left_mask(lens, T, "cuda") if padded else None
+    cache = Cache()
+    with torch.no_grad():
+        outs = [layer(x[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill],
+                      past_key_values=cache, use_cache=True)[0]]
+        layer.reserve_cache(cache, T)
+        outs.append(layer(x[:, prefill:prefill + 1], attention_mask=None if mask is None else mask[:, :prefill + 1],
+                          past_key_values=cache, use_cache=True)[0])  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with forbid_host_sync():
+                for t in range(prefill + 1, T):
+                    outs.append(layer(x[:, t:t + 1], attention_mask=None if mask is None else mask[:, :t + 1],
+                                      past_key_values=cache, use_cache=True)[0])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        out = torch.cat(outs, 1)
+        for b, n in enumerate(lens):
+            ref, _, _ = layer(x[b:b + 1, T - n:])
+            assert_close(f"row {b}", out[b:b + 1, T - n:], ref, 1e-4)
