@@ -12,7 +12,7 @@
 #   bench-gen (400): python -m benchmarks.generation --cuda-graph, one process per model (merged at the end)
 #   bench-train (300): python -m benchmarks.training at seq 4096 and 16384
 #   tune-attn (300): python -m benchmarks.ops.tune_attn, the tile / warp / stage sweep of the attention and LTE kernels
-#   profile-nsa (120): python -m benchmarks.ops.profile_nsa, the per-kernel CUDA time of NSA prefill and decode
+#   profile-ops (120): python -m benchmarks.ops.profile_ops, per-kernel CUDA times of NSA prefill / decode, LTE decode
 #   tune-nsa (120): python -m benchmarks.ops.tune_nsa, the launch-setting sweep of NSA's selected-attention kernels
 #   train-1gpu / train-2gpu (240): the paper's command line on the 0.4B laLTE config, shipped corpus, 30 steps
 # A stage that fails or runs out of time is reported in OUT/summary.txt; the next one still runs.
@@ -20,6 +20,7 @@
 # OPS_ONLY (bench-ops suites, default lte,attn,nsa,gdn), GEN_MODELS (bench-gen models, default all),
 # GEN_CONTEXTS (bench-gen context lengths, default the benchmark's),
 # TRAIN_SEQ_LENS (bench-train, default 4096,16384), TRAIN_PROFILE (non-empty: bench-train writes kernel profiles).
+# PROFILE_CASES (profile-ops cases, default nsa,nsa-decode,lte-decode).
 # Use CUDA_VISIBLE_DEVICES to put two lanes of stages on two GPUs of one machine. Stages write many files (plots,
 # per-model folders): pack OUT into one archive before handing it back from a lent machine.
 set -uo pipefail
@@ -88,7 +89,7 @@ run_stage() {  # $1 = name, $2 = limit
       ${TRAIN_PROFILE:+--profile} \
       --out "$OUT/training" ;;
     tune-attn) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.tune_attn --out "$OUT/tune" ;;
-    profile-nsa) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.profile_nsa ;;
+    profile-ops) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.profile_ops ${PROFILE_CASES:+--cases "$PROFILE_CASES"} ;;
     tune-nsa) timeout -k 10 "$limit" "$PY" -m benchmarks.ops.tune_nsa ;;
     train-1gpu) train_stage "$limit" 1 ;;
     train-2gpu) train_stage "$limit" 2 ;;

@@ -1,7 +1,8 @@
-"""Where NSA's time goes: a per-kernel CUDA-time breakdown of ``parallel_nsa`` (forward, forward+backward) and of
-the decode step, from ``torch.profiler``.
+"""Where an op's time goes: per-kernel CUDA-time breakdowns from ``torch.profiler``, for NSA (``parallel_nsa``
+forward and forward+backward, the decode step) and LTE's decode step (cache update + attention).
 
-    python -m benchmarks.ops.profile_nsa [--shape B,T,HQ,H,D] [--window 512] [--decode-cache 65536] [--top 25]
+    python -m benchmarks.ops.profile_ops [--cases nsa,nsa-decode,lte-decode] [--shape B,T,HQ,H,D] [--window 512]
+                                         [--decode-cache 4096 65536] [--top 25]
 
 Prints, per case, the wall time of one call (median of ``bench_ms``) and the kernels sorted by total CUDA time with
 their call counts; the sum of kernel times beside the wall time says how much is launch / host overhead. CUDA only.
@@ -49,9 +50,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--decode-cache", type=int, nargs="*", default=[4096, 65536])
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--cases", default="nsa,nsa-decode,lte-decode")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("profile_nsa needs a CUDA GPU")
+        raise SystemExit("profile_ops needs a CUDA GPU")
+    cases = args.cases.split(",")
     B, T, HQ, H, D = (int(x) for x in args.shape.split(","))
     bs, sc, w = args.block_size, args.block_counts, args.window
     dev, dt = "cuda", torch.bfloat16
@@ -65,11 +68,40 @@ def main() -> None:
         return q, k, v, gates
 
     with backend("triton"):
-        profile_prefill(inputs(B, T, True), bs, sc, w, args.top, f"B{B}-T{T}-HQ{HQ}-H{H}-D{D} bs{bs} S{sc}")
-        torch.cuda.empty_cache()
-        for S in args.decode_cache:
+        if "nsa" in cases:
+            profile_prefill(inputs(B, T, True), bs, sc, w, args.top, f"B{B}-T{T}-HQ{HQ}-H{H}-D{D} bs{bs} S{sc}")
+            torch.cuda.empty_cache()
+        for S in args.decode_cache if "nsa-decode" in cases else []:
             profile_decode(inputs(B, S, False), bs, sc, w, args.top, f"B{B} S{S}")
             torch.cuda.empty_cache()
+        if "lte-decode" in cases:
+            profile_lte_decode(args.top)
+
+
+def profile_lte_decode(top: int, B: int = 8, HQ: int = 16, H: int = 16, D: int = 64, window: int = 768,
+                       buffer_size: int = 512) -> None:
+    """LTE's decode step as ``benchmarks.ops.benchmark_lte`` times it (cache update + attention), eager and as one
+    CUDA-graph replay."""
+    from benchmarks.common import graph_ms
+    from fla.ops.lte.cache import lte_cache_step, lte_empty_cache
+    from fla.ops.lte.decoding import lte_decoding_one_step
+
+    dt = torch.bfloat16
+    kc, vc, sc, sk, va = lte_empty_cache(B, window, buffer_size, H, D, D, dtype=dt, device="cuda")
+    kc.normal_(); vc.normal_(); sc.uniform_(-0.5, 0.5); va.fill_(True)
+    q = torch.randn(B, 1, HQ, D, device="cuda", dtype=dt)
+    new_k, new_v = torch.randn(B, H, D, device="cuda", dtype=dt), torch.randn(B, H, D, device="cuda", dtype=dt)
+    slot = torch.zeros(B, dtype=torch.long, device="cuda")
+    ones = torch.ones(B, dtype=torch.bool, device="cuda")
+
+    def step():
+        slot.add_(1).remainder_(window + 1)
+        lte_cache_step(kc, vc, sc, sk, va, slot, new_k, new_v, ones, ~ones, window)
+        return lte_decoding_one_step(q, kc, vc, va)
+
+    print(f"lte decode step B{B}-HQ{HQ}-H{H}-D{D} w{window} b{buffer_size}: eager {bench_ms(step):.4f} ms, "
+          f"graph {graph_ms(step):.4f} ms")
+    print("\n".join(kernel_table(step, top=top)), flush=True)
 
 
 def profile_prefill(tensors, bs: int, sc: int, w: int, top: int, label: str) -> None:
