@@ -3,6 +3,15 @@
 Per step and kv head the cost is O(NB) for the compressed attention and the block ranking (NB = complete blocks)
 plus O(S BS + w) for the selected and window keys, which are gathered, never scanned: the raw history is not
 re-pooled (``fla.ops.nsa.compression.append_compressed_blocks`` pools a block once, when it completes).
+
+Two implementations of one definition (``fla.ops.nsa.naive`` is the float32 truth):
+
+- torch path (CPU, and CUDA by default for now): ``nsa_decoding_one_step_torch``, float32, about a hundred small
+  torch ops (host-bound on a GPU);
+- Triton path (``fla.ops.nsa.decoding_kernels``): compressed attention + block ranking in one kernel,
+  ``torch.topk``, selected + window attention and the gated sum in a second kernel; no host read of a device value
+  (CUDA-graph capturable). **Opt-in** (``FLA_BACKEND=triton``) until its gpu-marked tests
+  (``tests/ops/nsa/test_nsa_decoding_triton.py``) pass on the GPU; then ``auto_on_cuda`` below becomes True.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from typing import Optional
 import torch
 
 from fla.ops.nsa.compression import compression_attention, select_blocks
-from fla.utils import FLOAT_DTYPES, check_positive_int, check_tensor
+from fla.utils import FLOAT_DTYPES, check_positive_int, check_scale, check_tensor, use_triton
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -29,6 +38,50 @@ def _attend(q, k, v, valid, scale):
     s = s.masked_fill(~m, torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1) * m
     return torch.einsum("nhgl,nhlv->nhgv", p, v)
+
+
+def nsa_decoding_one_step_torch(q, k_cache, v_cache, k_cmp, v_cmp, seq_lens, g_cmp, g_slc, g_swa,
+                                block_counts: int, block_size: int, window_size: Optional[int],
+                                scale: float) -> torch.Tensor:
+    """Torch path of ``nsa_decoding_one_step`` (arguments checked by it, ``scale`` resolved)."""
+    N, _, HQ, D = q.shape
+    H = k_cache.shape[2]
+    G = HQ // H
+    C = k_cache.shape[1]
+    NB = k_cmp.shape[1]
+    V = v_cache.shape[-1]
+
+    lens = seq_lens.long()
+    P = (lens - 1).clamp(min=0)
+    has_token = lens > 0
+    qf = q.float().view(N, H, G, D)
+    o_cmp, probs = compression_attention(qf[:, None], k_cmp.float(), v_cmp.float(), (lens // block_size)[:, None],
+                                         scale)  # [N, 1, H, G, V], [N, H, G, 1, NB]
+    o = 0
+    if g_cmp is not None:
+        o = o + o_cmp[:, 0] * g_cmp.float().view(N, H, G, 1)
+    if g_slc is not None:
+        ic = (P // block_size)[:, None]  # [N, 1]
+        idx = select_blocks(probs, ic, max(NB, (C + block_size - 1) // block_size), block_counts)[:, 0]  # [N, H, S]
+        tok = idx[..., None] * block_size + torch.arange(block_size, device=q.device)  # [N, H, S, BS]
+        tok = tok.flatten(-2)
+        valid = (idx[..., None] >= 0).expand(*idx.shape, block_size).flatten(-2) & (tok <= P[:, None, None])
+        valid = valid & has_token[:, None, None]
+        tok = tok.clamp(0, max(C - 1, 0))
+        o_slc = _attend(qf, _gather_time(k_cache, tok).float(), _gather_time(v_cache, tok).float(), valid, scale)
+        o = o + o_slc * g_slc.float().view(N, H, G, 1)
+    if g_swa is not None and window_size:
+        w = min(window_size, C)
+        tok = P[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [N, w]
+        valid = (tok >= 0) & has_token[:, None]
+        tok = tok.clamp(0, max(C - 1, 0))[:, None].expand(N, H, w)
+        valid = valid[:, None].expand(N, H, w)
+        o_swa = _attend(qf, _gather_time(k_cache, tok).float(), _gather_time(v_cache, tok).float(), valid, scale)
+        o = o + o_swa * g_swa.float().view(N, H, G, 1)
+    if not isinstance(o, torch.Tensor):
+        o = qf.new_zeros(N, H, G, V)
+    o = o * has_token[:, None, None, None]
+    return o.reshape(N, 1, HQ, V).to(q.dtype)
 
 
 def nsa_decoding_one_step(
@@ -72,45 +125,28 @@ def nsa_decoding_one_step(
     check_tensor("seq_lens", seq_lens, ndim=1, shape=[N], dtype=(torch.int32, torch.int64), device=q.device)
     check_positive_int("block_counts", block_counts)
     check_positive_int("block_size", block_size)
+    if window_size is not None:
+        check_positive_int("window_size", window_size, minimum=0)
     H = k_cache.shape[2]
     if HQ % H:
         raise ValueError(f"HQ={HQ} query heads must be a multiple of H={H} kv heads")
     if window_size and g_swa is None:
         raise ValueError(f"window_size={window_size} asks for the window branch, but g_swa is None")
-    G = HQ // H
-    C = k_cache.shape[1]
-    NB = k_cmp.shape[1]
+    for name, x, last in (("k_cache", k_cache, D), ("k_cmp", k_cmp, D), ("v_cmp", v_cmp, v_cache.shape[-1])):
+        if x.shape[0] != N or x.shape[2] != H or x.shape[3] != last:
+            raise ValueError(f"{name} must be [N={N}, *, H={H}, {last}] like the caches, got {list(x.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3] or k_cmp.shape[1] != v_cmp.shape[1]:
+        raise ValueError(f"v_cache {list(v_cache.shape)} / v_cmp {list(v_cmp.shape)} must match k_cache "
+                         f"{list(k_cache.shape)} / k_cmp {list(k_cmp.shape)} but for the last dim")
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        if g is not None:
+            check_tensor(name, g, ndim=3, shape=[N, 1, HQ], dtype=FLOAT_DTYPES, device=q.device)
+    check_scale(scale)
     scale = D ** -0.5 if scale is None else float(scale)
-    V = v_cache.shape[-1]
+    if use_triton(q, auto_on_cuda=False):
+        from fla.ops.nsa.decoding_kernels import nsa_decoding_fwd
 
-    lens = seq_lens.long()
-    P = (lens - 1).clamp(min=0)
-    has_token = lens > 0
-    qf = q.float().view(N, H, G, D)
-    o_cmp, probs = compression_attention(qf[:, None], k_cmp.float(), v_cmp.float(), (lens // block_size)[:, None],
-                                         scale)  # [N, 1, H, G, V], [N, H, G, 1, NB]
-    o = 0
-    if g_cmp is not None:
-        o = o + o_cmp[:, 0] * g_cmp.float().view(N, H, G, 1)
-    if g_slc is not None:
-        ic = (P // block_size)[:, None]  # [N, 1]
-        idx = select_blocks(probs, ic, max(NB, (C + block_size - 1) // block_size), block_counts)[:, 0]  # [N, H, S]
-        tok = idx[..., None] * block_size + torch.arange(block_size, device=q.device)  # [N, H, S, BS]
-        tok = tok.flatten(-2)
-        valid = (idx[..., None] >= 0).expand(*idx.shape, block_size).flatten(-2) & (tok <= P[:, None, None])
-        valid = valid & has_token[:, None, None]
-        tok = tok.clamp(0, max(C - 1, 0))
-        o_slc = _attend(qf, _gather_time(k_cache, tok).float(), _gather_time(v_cache, tok).float(), valid, scale)
-        o = o + o_slc * g_slc.float().view(N, H, G, 1)
-    if g_swa is not None and window_size:
-        w = min(window_size, C)
-        tok = P[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [N, w]
-        valid = (tok >= 0) & has_token[:, None]
-        tok = tok.clamp(0, max(C - 1, 0))[:, None].expand(N, H, w)
-        valid = valid[:, None].expand(N, H, w)
-        o_swa = _attend(qf, _gather_time(k_cache, tok).float(), _gather_time(v_cache, tok).float(), valid, scale)
-        o = o + o_swa * g_swa.float().view(N, H, G, 1)
-    if not isinstance(o, torch.Tensor):
-        o = qf.new_zeros(N, H, G, V)
-    o = o * has_token[:, None, None, None]
-    return o.reshape(N, 1, HQ, V).to(q.dtype)
+        return nsa_decoding_fwd(q, k_cache, v_cache, k_cmp, v_cmp, seq_lens, g_cmp, g_slc, g_swa, block_counts,
+                                block_size, window_size, scale)
+    return nsa_decoding_one_step_torch(q, k_cache, v_cache, k_cmp, v_cmp, seq_lens, g_cmp, g_slc, g_swa,
+                                       block_counts, block_size, window_size, scale)
