@@ -11,11 +11,14 @@ on CUDA, float32 on the CPU. For each (model, batch, context):
       (after 3 warm-up steps); median time per step; tokens/s = batch / step time;
     - memory (CUDA only): peak allocated during prefill, peak allocated during decode (weights + cache + step
       activations), and the cache size (allocated after prefill minus before), in MiB;
-    - with ``--cuda-graph``, for models whose caches are fixed-size (gdn, gdn_swa, lalte): after the eager decode
-      steps, the step is captured once (``fla.models.graph_decode.GraphDecoder``) and timed the same way through
-      ``GraphDecoder.step`` (as many warm-up and timed steps): ``decode_graph_ms`` / ``decode_graph_tok_s``, empty
-      for models whose caches grow (transformer, lansa). On the CPU the capture is emulated (a ``make_fx`` trace
-      replayed), which checks that the path runs but times no CUDA graph.
+    - with ``--cuda-graph``, for every model: after the eager decode steps, the step is captured once
+      (``fla.models.graph_decode.GraphDecoder``) and timed the same way through ``GraphDecoder.step`` (as many
+      warm-up and timed steps): ``decode_graph_ms`` / ``decode_graph_tok_s``. The full-attention (transformer) and
+      NSA (lansa) caches, which grow, are first given room for the graph steps (``max_length`` = the tokens cached
+      so far + warm-up + timed steps; ``reserve_cache``), so their steps write in place; the eager steps before ran
+      on the unreserved cache, as ``generate()`` does (full attention then concatenates, NSA grows geometrically).
+      On the CPU the capture is emulated (a ``make_fx`` trace replayed), which checks that the path runs but times
+      no CUDA graph.
 A cell that runs out of memory is recorded as ``oom`` and the larger contexts of that (model, batch) are skipped.
 
 Writes OUT/generation.csv, OUT/generation.json and OUT/{latency,memory,decode}.png (one line per model, one panel
@@ -74,14 +77,13 @@ def _is_oom(e: BaseException) -> bool:
 def measure_graph_decode(model, cache, next_ids: torch.Tensor, decode_steps: int, warmup_steps: int,
                          device: str) -> Dict:
     """Decode-step timings through ``GraphDecoder`` on ``cache`` (captured now, after the eager steps):
-    ``decode_graph_ms`` (median of ``decode_steps`` steps after ``warmup_steps``) and ``decode_graph_tok_s``; an
-    empty dict for a model whose caches grow (it cannot be graphed). CUDA graphs on CUDA, the ``make_fx``
-    emulation elsewhere."""
-    from fla.models.graph_decode import GraphDecoder, growing_cache_layers
+    ``decode_graph_ms`` (median of ``decode_steps`` steps after ``warmup_steps``) and ``decode_graph_tok_s``. The
+    decoder's ``max_length`` covers those steps: growing caches (full attention, NSA) get that room once, before
+    the capture. CUDA graphs on CUDA, the ``make_fx`` emulation elsewhere."""
+    from fla.models.graph_decode import GraphDecoder
 
-    if growing_cache_layers(model):
-        return {}
-    decoder = GraphDecoder(model, cache).capture()
+    max_length = cache.get_seq_length() + warmup_steps + decode_steps
+    decoder = GraphDecoder(model, cache, max_length=max_length).capture()
     ms = _median_step_ms(lambda: decoder.step(next_ids), warmup_steps, decode_steps, device)
     return {"decode_graph_ms": ms, "decode_graph_tok_s": next_ids.shape[0] / ms * 1e3}
 
@@ -145,7 +147,7 @@ def measure_cell(model, batch: int, context: int, decode_steps: int, device: str
             except Exception as e:  # noqa: BLE001 - the eager numbers of the cell stay valid
                 graph_failure = "oom" if _is_oom(e) else type(e).__name__
                 print(f"B{batch} T{context}: graph decoding failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        del cache
+        cache = None  # frees it (not `del`: the step lambda above refers to the name)
     chunked = prefill_chunk and prefill_chunk < context
     row["status"] = f"ok (prefill in chunks of {prefill_chunk})" if chunked else "ok"
     if graph_failure is not None:
@@ -254,8 +256,11 @@ def goal_summary(rows: List[Dict]) -> List[str]:
         if any(v is not None for v in graph.values()):
             lines.append(f"decode tokens/s replayed as a graph at context {c}, batch {batch}: " +
                          ", ".join(f"{m} {v:.0f}" for m, v in graph.items() if v is not None))
-            if graph.get("lalte") is not None:
-                lines.append(f"laLTE (graph) / transformer (eager; its cache grows, it cannot be graphed) = "
+            if graph.get("lalte") is not None and graph.get("transformer") is not None:
+                lines.append(f"laLTE / transformer, both replayed as graphs = "
+                             f"{graph['lalte'] / graph['transformer']:.2f}x")
+            elif graph.get("lalte") is not None:
+                lines.append(f"laLTE (graph) / transformer (eager; its graph failed) = "
                              f"{graph['lalte'] / tps['transformer']:.2f}x")
         if 65536 not in both:
             lines.append(f"note: the transformer (or laLTE) has no decode number at 64K, batch {batch}; compared at "
@@ -348,9 +353,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time each decode step replayed as one CUDA graph (fla.models.graph_decode."
                              "GraphDecoder, captured after the eager steps; same number of warm-up and timed steps): "
-                             "columns decode_graph_ms / decode_graph_tok_s, empty for models whose caches grow "
-                             "(transformer, lansa). On the CPU (--quick) the capture is emulated by a make_fx trace "
-                             "that is replayed: it checks the path, its timings are not CUDA-graph timings")
+                             "columns decode_graph_ms / decode_graph_tok_s, for every model (full-attention and NSA "
+                             "caches get room for those steps first). On the CPU (--quick) the capture is emulated "
+                             "by a make_fx trace that is replayed: it checks the path, its timings are not "
+                             "CUDA-graph timings")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="run nothing: combine the generation.json of these output folders into --out")
     args = parser.parse_args(argv)

@@ -12,10 +12,11 @@ causal attention. Positions count real tokens only: with left padding the first 
 position 0, and with a cache a new token's position is the number of real tokens the layer has seen before it.
 
 Cache (``fla.models.utils.Cache`` at ``layer_idx``): ``attn_state = (k, v)``, each [N, S, H_kv, hd] holding the
-rotated keys and the values of the last S tokens of each row, **left-aligned** (a row's r real tokens are its last
-min(r, S) entries; padding, if any, comes first); S <= w for a sliding window, which keeps the cache bounded
-(``pad_cache_to_window`` makes S = w at once, for CUDA-graph decoding: ``fla.models.graph_decode``).
-``attn_lengths`` [N] int64 counts the real tokens each row has seen (its next position). Three paths:
+rotated keys and the values of each row, **left-aligned** (``fla.layers.utils.left_align``: left-padded, a row's r
+real tokens are its last min(r, S) entries; what precedes them is padding or free room, never seen by a query);
+S <= w for a sliding window, which keeps the cache bounded (``pad_cache_to_window`` makes S = w at once, for
+CUDA-graph decoding: ``fla.models.graph_decode``). ``attn_lengths`` [N] int64 counts the real tokens each row has
+seen (its next position). Three paths:
 
 * no cached tokens yet (training, prefill): ``parallel_attn`` on the whole input, packed by ``cu_seqlens`` when a
   padding mask is given;
@@ -23,6 +24,25 @@ min(r, S) entries; padding, if any, comes first); S <= w for a sliding window, w
   entries start at ``seq_start = max(S - r, 0)``;
 * several new tokens on a non-empty cache (chunked prefill, e.g. feeding a continuation to a plain forward): an
   exact float32 reference over cache + new keys with an explicit mask (slow; fine for short continuations).
+
+Full attention keeps every key, so its S is a **capacity**: a decoding step writes the new key and value in place,
+into the free entry just before the row's valid ones (entry S - 1 - r), when the layer has room, and concatenates
+them after the cache (a new tensor one entry longer, as a window cache does) when it has not. Room is decided on the
+host without reading the device, as NSA does: the layer's seen-token count (the padded prompt length plus the
+steps since; every row's r is at most that) must be below S. After a prefill the cache is exactly full, so steps
+concatenate until ``reserve_cache(past_key_values, capacity)`` prepends free room; from then on every step up to
+that length writes in place: no copy of the history (a long-context win on its own), and the same tensors every
+step, as a captured CUDA graph needs. A step that does not store, or that records autograd history, concatenates.
+
+Written this way, a row's valid entries are no longer in time order (the decoded tokens come first, newest first,
+then the prompt in order). Full attention does not notice: every key carries its position in its rotation, and
+softmax attention is a sum over a set of keys. Why this layout rather than another: the decoding op
+(``fla.ops.attn.attn_decoding_one_step``) reads keys ``seq_start[b] .. S - 1`` of a tensor of S entries, so with
+time order kept the newest key would have to be entry S - 1 of a fixed-shape buffer (a shift, i.e. a copy of the
+cache, every step), and a start-aligned buffer like NSA's would need a per-row end in the op and its kernel. Growing
+leftwards keeps the op, the kernel and the left-aligned contract of every other path (the chunked prefill takes
+the cached keys as an unordered set, older than every new token). Sliding-window caches keep time order (their
+window is "the last w entries") and concatenate as before.
 """
 
 from __future__ import annotations
@@ -60,6 +80,21 @@ def _masked_attention(q, k, v, q_pos, k_pos, k_valid, window_size, scale):
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("nhqk,nkhv->nqhv", p, vf).to(q.dtype)
+
+
+def _write_before_valid(cache_k, cache_v, k_new, v_new, lengths, real):
+    """Write one new key / value per row (k_new [N, H, hd]) in place into the free entry just before the row's
+    ``lengths[n]`` valid ones, entry S - 1 - lengths[n]. Rows without a free entry, or with ``real[n] == 0`` (a
+    padding token), are left alone: the decision is a mask on the device (no host read), and no write ever lands
+    outside the tensors. Returns (cache_k, cache_v)."""
+    S = cache_k.shape[1]
+    slot = S - 1 - lengths.long()
+    write = (slot >= 0) & (real != 0)
+    slot = slot.clamp(min=0)  # rows not written store back what they hold
+    rows = torch.arange(cache_k.shape[0], device=cache_k.device)
+    for cache, new in ((cache_k, k_new), (cache_v, v_new)):
+        cache[rows, slot] = torch.where(write[:, None, None], new.to(cache.dtype), cache[rows, slot])
+    return cache_k, cache_v
 
 
 class Attention(nn.Module):
@@ -268,14 +303,19 @@ class Attention(nn.Module):
         return not bool((pad & (lengths.to(pad.device) > 0)).any())
 
     def _decode(self, hidden_states, mask, cached, past_key_values, store):
-        """One new token per row (B rows = the cache's rows) against the left-aligned cache."""
+        """One new token per row (B rows = the cache's rows) against the left-aligned cache: written in place when
+        the cache has room (full attention, see the module docstring), concatenated after it otherwise."""
         cache_k, cache_v, lengths = cached
         self._check_cache_rows(hidden_states.shape[0], cached)
         q, k, v = self._project(hidden_states)
         q, k = self.rotary(q, k, seqlen_offset=lengths)
         real = torch.ones_like(lengths) if mask is None else (mask[:, -1] != 0).long()
         new_lengths = lengths + real
-        if store:
+        if store and self._in_place(past_key_values, cache_k, 1, k):
+            all_k, all_v = _write_before_valid(cache_k, cache_v, k[:, 0], v[:, 0], lengths, real)
+            past_key_values.update(attn_state=(all_k, all_v), layer_idx=self.layer_idx, offset=1,
+                                   cache_kwargs={"attn_state_mode": "replace"}, attn_lengths=new_lengths)
+        elif store:
             state = past_key_values.update(attn_state=(k, v), layer_idx=self.layer_idx, offset=1,
                                            cache_kwargs={"window_size": self.window_size}, attn_lengths=new_lengths)
             all_k, all_v = state["attn_state"]
@@ -289,6 +329,60 @@ class Attention(nn.Module):
         if mask is not None:  # a padded query may have no key at all: zero output, as on the parallel path
             o = torch.where(real.bool()[:, None, None, None], o, torch.zeros_like(o))
         return o, past_key_values
+
+    def _in_place(self, past_key_values, cache_k: torch.Tensor, new_tokens: int, k_new: torch.Tensor) -> bool:
+        """Whether ``new_tokens`` more tokens per row can be written into this full-attention layer's cache tensors
+        in place. Decided on the host, from the layer's seen-token count (an upper bound on every row's length):
+        never a device read."""
+        if self.window_size is not None:
+            return False
+        seen = past_key_values.get_seq_length(self.layer_idx)
+        if seen <= 0 or seen + new_tokens > cache_k.shape[1]:  # no count (a legacy cache), or no room
+            return False
+        if torch.is_grad_enabled() and (k_new.requires_grad or cache_k.requires_grad):
+            return False  # an in-place write would corrupt tensors that autograd saved
+        # inference tensors can only be written inside inference_mode
+        return not cache_k.is_inference() or torch.is_inference_mode_enabled()
+
+    def reserve_cache(self, past_key_values: Any, capacity: int) -> int:
+        """Grow this full-attention layer's cached keys and values to hold ``capacity`` tokens per row, so that the
+        decoding steps up to that length write in place and never reallocate (a serving loop, or a CUDA graph
+        capturing the step, then sees the same tensors every step; ``fla.models.graph_decode``). Free room is
+        prepended (zeros before each row's valid entries, seen by no query), so the outputs do not change.
+
+        A step writes in place while the layer's seen-token count (``past_key_values.get_seq_length(layer_idx)``:
+        the padded prompt length plus the tokens decoded since) stays within the capacity, so reserve for that
+        count: the padded prompt length plus the tokens still to be generated. Same contract as
+        ``NativeSparseAttention.reserve_cache``.
+
+        Args:
+            past_key_values: the ``fla.models.utils.Cache`` this layer has stored its prefill in.
+            capacity: int >= 1, tokens per row to make room for.
+
+        Returns:
+            the capacity now held (>= capacity; an already larger cache is left as it is).
+        """
+        check_positive_int("capacity", capacity)
+        if self.window_size is not None:
+            raise ValueError(f"reserve_cache is for full attention (window_size=None); this layer has window_size="
+                             f"{self.window_size}, whose cache never holds more than {self.window_size} entries "
+                             "(pad_cache_to_window gives it that shape at once)")
+        if self.layer_idx is None:
+            raise ValueError("layer_idx must be set (the layer's slot in the cache) to reserve its cache")
+        state = past_key_values[self.layer_idx] if past_key_values is not None and \
+            len(past_key_values) > self.layer_idx else None
+        if state is None or state.get("attn_state") is None:
+            raise ValueError(f"past_key_values holds no state of layer {self.layer_idx}: run the prefill with "
+                             "use_cache=True first (the cache's rows, dtype and device come from it)")
+        k, v = state["attn_state"]
+        if k.shape[1] >= capacity:
+            return k.shape[1]
+        pad = capacity - k.shape[1]
+        with torch.no_grad():  # a decoding cache: no autograd history, so later steps may write in place
+            k, v = (torch.cat([x.new_zeros(x.shape[0], pad, *x.shape[2:]), x], 1) for x in (k, v))
+        past_key_values.update(attn_state=(k, v), layer_idx=self.layer_idx, offset=0,
+                               cache_kwargs={"attn_state_mode": "replace"}, attn_lengths=state.get("attn_lengths"))
+        return capacity
 
     def _chunked_prefill(self, q, k, v, lens, cu_seqlens, cached, past_key_values, store, q_len):
         """Several new tokens per row on a non-empty cache: an exact float32 reference (cache + new keys).
@@ -317,6 +411,11 @@ class Attention(nn.Module):
         q_pos = (lengths + lens)[:, None] - (width - q_cols)[None, :]
         o = _masked_attention(q, all_k, all_v, q_pos, k_pos, keys_valid, self.window_size, self.head_dim ** -0.5)
         if store:
+            if self._in_place(past_key_values, cache_k, q_len, k):
+                # the reserved tensors keep their addresses: every row's valid entries lie in the last S columns
+                cache_k.copy_(all_k[:, -S:])
+                cache_v.copy_(all_v[:, -S:])
+                all_k, all_v = cache_k, cache_v
             past_key_values.update(attn_state=(all_k, all_v), layer_idx=self.layer_idx, offset=q_len,
                                    cache_kwargs={"window_size": self.window_size, "attn_state_mode": "replace"},
                                    attn_lengths=lengths + lens)

@@ -19,11 +19,18 @@ the decoder after each replay, so ``cache.get_seq_length()`` stays right and eag
 continue after graph steps (and graph steps after eager ones: the decoder copies states an eager call replaced back
 into its static buffers).
 
-Only models whose every layer keeps a fixed-size cache can be replayed: Gated DeltaNet, sliding-window
-``Attention`` (a window cache still filling is first left-padded to the window with entries no query sees:
-``Attention.pad_cache_to_window``) and LTE. Full attention and NSA caches grow with the sequence: such models are
-refused with a ``ValueError`` naming the layer and its state, as is any state whose shape changes in a dry-run
-step.
+Caches must keep their shape from step to step. Gated DeltaNet and LTE caches do; a sliding-window ``Attention``
+cache still filling is first left-padded to the window with entries no query sees (``Attention.pad_cache_to_window``).
+Full attention and NSA caches grow with the sequence: they are captured only when the decoder is given
+``max_length``, the number of tokens a row may reach (the cache's seen-token count, i.e. the padded prompt length,
+plus the tokens still to be generated). ``capture()`` then gives every such layer that capacity
+(``Attention.reserve_cache`` / ``NativeSparseAttention.reserve_cache``: room prepended, resp. appended, once), after
+which their decode steps write the new key and value in place, at fixed addresses, with no host read; their lengths
+(``attn_lengths``, a new small tensor each step) are copied into their static buffer like any replaced state. A step
+that would take the cache past ``max_length`` raises before replaying (a host-side check on the seen-token counts,
+which the decoder advances itself), so a replay never runs out of the reserved room. Without ``max_length`` such
+models are refused with a ``ValueError`` naming the layer and its state, as is any state whose shape changes in a
+dry-run step.
 
 Capture backends (``backend=``): 'cuda' (``torch.cuda.CUDAGraph``; default for CUDA caches) and 'fx' (the default
 elsewhere): ``torch.fx.experimental.proxy_tensor.make_fx`` traces the step once and the traced ``GraphModule`` is
@@ -41,6 +48,8 @@ import torch
 from fla.models.utils import Cache, _map_tensors
 
 BACKENDS = ("cuda", "fx")
+# states of full-attention / NSA layers that a one-token step writes only past each row's valid entries
+APPEND_ONLY_STATES = ("attn_state", "nsa_cmp_state")
 IDS_DTYPES = (torch.int32, torch.int64)
 
 Leaf = Tuple[int, str, torch.Tensor]  # (layer index, state path such as "attn_state[0]", tensor)
@@ -115,8 +124,9 @@ def _check_layout(paths: Sequence[Tuple[int, str]], static: Sequence[torch.Tenso
             raise ValueError(
                 f"layer {layer_idx}: state {path!r} changes from {list(old.shape)} {old.dtype} on {old.device} to "
                 f"{list(new.shape)} {new.dtype} on {new.device} {when}. A captured graph replays fixed shapes, so "
-                "this cache cannot be decoded with a CUDA graph (full attention and NSA caches grow with the "
-                "sequence; only Gated DeltaNet, sliding-window attention and LTE caches keep their size)")
+                "this cache cannot be decoded with a CUDA graph (full attention and NSA caches keep their shape "
+                "only within the capacity GraphDecoder's max_length reserves; Gated DeltaNet, sliding-window "
+                "attention and LTE caches always do)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,40 +208,60 @@ def _backend(backend: Union[str, Any, None], device: torch.device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def growing_cache_layers(model: torch.nn.Module) -> List[Tuple[int, str, str]]:
-    """(layer index, state name, why) of every layer of ``model`` whose cache grows with the sequence (full
-    attention, NSA): such a model cannot be replayed as a graph. Empty for models of fixed-size caches."""
+def _growing_layers(model: torch.nn.Module) -> Iterator[Tuple[torch.nn.Module, str]]:
+    """(module, why) of every layer of ``model`` whose cache grows with the sequence."""
     from fla.layers.attn import Attention
     from fla.layers.nsa import NativeSparseAttention
 
-    found = []
     for module in model.modules():
         if isinstance(module, NativeSparseAttention):
-            found.append((module.layer_idx, "attn_state", "an NSA layer keeps every key (and its compressed blocks)"))
+            yield module, "an NSA layer keeps every key (and its compressed blocks)"
         elif isinstance(module, Attention) and module.window_size is None:
-            found.append((module.layer_idx, "attn_state", "a full-attention layer keeps every key"))
-    return found
+            yield module, "a full-attention layer keeps every key"
+
+
+def growing_cache_layers(model: torch.nn.Module) -> List[Tuple[int, str, str]]:
+    """(layer index, state name, why) of every layer of ``model`` whose cache grows with the sequence (full
+    attention, NSA): a graph replays their steps only once their capacity is reserved (``GraphDecoder``'s
+    ``max_length``). Empty for models of fixed-size caches."""
+    return [(module.layer_idx, "attn_state", why) for module, why in _growing_layers(model)]
+
+
+def reserve_growing_caches(model: torch.nn.Module, cache: Cache, max_length: int) -> List[Tuple[int, int]]:
+    """Give every full-attention and NSA layer of ``model`` room for ``max_length`` tokens per row in ``cache``
+    (``Attention.reserve_cache`` / ``NativeSparseAttention.reserve_cache``), so that their one-token decode steps
+    up to that length write in place. ``max_length``: int >= 1, the padded prompt length plus the tokens still to
+    be generated. Every such layer must hold its prefill. Returns (layer index, capacity now held) per layer."""
+    _check_int("max_length", max_length, 1)
+    return [(module.layer_idx, module.reserve_cache(cache, max_length)) for module, _ in _growing_layers(model)]
 
 
 class GraphDecoder:
     """Decode steps of ``model`` on ``cache`` replayed as one captured graph; see the module docstring.
 
     Args:
-        model: one of fla's causal LMs (``FLAForCausalLM`` subclasses) in eval mode, every layer of a fixed-size
-            cache (``growing_cache_layers(model)`` empty).
+        model: one of fla's causal LMs (``FLAForCausalLM`` subclasses) in eval mode. Layers whose caches grow
+            (``growing_cache_layers(model)``: full attention, NSA) need ``max_length``.
         cache: the ``fla.models.utils.Cache`` to continue, prefilled (every layer has its state). It is the cache
             that is updated: after each ``step`` it holds the new state (same tensors, updated in place) and its
             seen-token counts are one token further.
         backend: 'cuda' (CUDA graph; default for CUDA caches), 'fx' (``make_fx`` trace, the CPU emulation;
             default elsewhere) or an object with a ``capture(fn, inputs) -> replay`` method.
+        max_length: None or an int >= 1: the most tokens a row of the cache may reach (its seen-token count, i.e.
+            the padded prompt length plus the tokens decoded since, after the last step). ``capture()`` reserves
+            that capacity in every full-attention and NSA layer (``reserve_growing_caches``); ``step`` raises a
+            ``ValueError`` rather than go past it. Required for models with such layers; with None they are refused.
 
     ``capture()`` checks the model and cache, runs one step eagerly to check that no state changes shape, and
     captures a step. Those runs execute the step, so it saves every state first and restores it (and the
     seen-token counts) afterwards: capturing consumes no token. It needs memory for one copy of the cache while it
-    runs. ``step(ids)`` captures first if needed.
+    runs, less the keys and values of full-attention and NSA layers: their steps only write entries past each row's
+    valid ones, which restoring the lengths (``attn_lengths``) makes invalid again. ``step(ids)`` captures first if
+    needed.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: Cache, backend: Union[str, Any, None] = None) -> None:
+    def __init__(self, model: torch.nn.Module, cache: Cache, backend: Union[str, Any, None] = None,
+                 max_length: Optional[int] = None) -> None:
         from fla.models.modeling_base import FLAForCausalLM
 
         if not isinstance(model, FLAForCausalLM):
@@ -240,8 +270,10 @@ class GraphDecoder:
         if not isinstance(cache, Cache):
             raise ValueError(f"cache must be an fla.models.utils.Cache (the past_key_values of a prefill with "
                              f"use_cache=True), got {type(cache).__name__}")
+        _check_int("max_length", max_length, 1, optional=True)
         self.model = model
         self.cache = cache
+        self.max_length = max_length
         self._backend_arg = backend
         self._replay: Optional[Callable[[], torch.Tensor]] = None
         self._paths: List[Tuple[int, str]] = []
@@ -250,6 +282,7 @@ class GraphDecoder:
         self._deltas: Tuple[int, ...] = ()
         self._ids: Optional[torch.Tensor] = None
         self._inference = False
+        self._counts: Tuple[int, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -271,7 +304,12 @@ class GraphDecoder:
 
     def _step_fn(self, ids: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
         """The captured function: one decode step on the cache whose states are ``states``; every new state is
-        copied into its static buffer. Returns the logits [B, 1, vocab]."""
+        copied into its static buffer. Returns the logits [B, 1, vocab].
+
+        A backend may run it several times (warm-up runs, then the capture): every run starts from the seen-token
+        counts of the capture, so the host-side decisions baked into the graph (e.g. "the reserved cache has room")
+        are those of the step replayed first, whatever the number of runs."""
+        self.cache.set_seen_tokens(self._counts)
         self.cache.states = _substitute(self._template, iter(states))
         logits = self.model(ids, past_key_values=self.cache, use_cache=True).logits
         leaves = cache_leaves(self.cache)
@@ -294,10 +332,11 @@ class GraphDecoder:
         after = self.cache.seen_tokens_per_layer()
         return tuple(a - b for a, b in zip(after, before))
 
-    def _restore(self, saved: Sequence[torch.Tensor], counts: Tuple[int, ...]) -> None:
+    def _restore(self, saved: Sequence[Optional[torch.Tensor]], counts: Tuple[int, ...]) -> None:
         self._install()
         for static, value in zip(self._states, saved):
-            static.copy_(value)
+            if value is not None:
+                static.copy_(value)
         self.cache.set_seen_tokens(counts)
 
     def capture(self) -> "GraphDecoder":
@@ -309,16 +348,20 @@ class GraphDecoder:
             raise ValueError("the model is in training mode (dropout, chunked training kernels); call model.eval() "
                              "before capturing decode steps")
         growing = growing_cache_layers(self.model)
-        if growing:
+        if growing and self.max_length is None:
             layer_idx, name, why = growing[0]
             others = f" (and {len(growing) - 1} more such layers)" if len(growing) > 1 else ""
             raise ValueError(
                 f"layer {layer_idx}: state {name!r} grows with the sequence ({why}){others}, so its shape changes "
-                f"between decode steps and {type(self.model).__name__} cannot be decoded with a CUDA graph; only "
-                "models whose every layer keeps a fixed-size cache (Gated DeltaNet, sliding-window attention, LTE) "
-                "can")
+                f"between decode steps and {type(self.model).__name__} cannot be decoded with a CUDA graph as it is; "
+                "pass max_length (the padded prompt length plus the tokens to generate) to reserve that capacity "
+                "in such layers, whose steps then write in place (models of fixed-size caches only, Gated DeltaNet, "
+                "sliding-window attention, LTE, need none)")
         if len(self.cache) == 0:
             raise ValueError("cache holds no state: prefill it first (model(prompt, use_cache=True).past_key_values)")
+        if self.max_length is not None:
+            self._check_room(1, "capture (which needs room for one step)")
+            reserve_growing_caches(self.model, self.cache, self.max_length)
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.pad_cache_to_window(self.cache)
@@ -342,8 +385,13 @@ class GraphDecoder:
         batch_size = self.cache.batch_size
         with self._grad_mode():
             self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-            saved = [t.clone() for t in self._states]
+            # keys and values of growing layers are only written past each row's valid entries: restoring the
+            # lengths undoes a step there (see the class docstring), so those big tensors need no copy
+            skip = {i for i, _, _ in growing}
+            saved = [None if i in skip and p.split("[")[0] in APPEND_ONLY_STATES else t.clone()
+                     for (i, p), t in zip(self._paths, self._states)]
             counts = self.cache.seen_tokens_per_layer()
+            self._counts = counts
             try:
                 self._deltas = self._dry_run()
                 self._restore(saved, counts)
@@ -364,6 +412,16 @@ class GraphDecoder:
         return self
 
     # ------------------------------------------------------------------------------------------------------------
+
+    def _check_room(self, steps: int, what: str) -> None:
+        """Raise ``ValueError`` if ``steps`` more tokens would take a layer's seen-token count past ``max_length``
+        (host-side counts only, never a device read)."""
+        for layer_idx, count in enumerate(self.cache.seen_tokens_per_layer()):
+            if count + steps > self.max_length:
+                raise ValueError(
+                    f"{what} would take the cache to {count + steps} tokens (layer {layer_idx} has seen {count}), past "
+                    f"max_length={self.max_length}, the capacity the decoder reserved; create a GraphDecoder with a "
+                    "larger max_length (the padded prompt length plus every token to generate)")
 
     def _adopt_cache_states(self) -> None:
         """Make the static buffers hold the cache's current states: after eager calls on the same cache, copy the
@@ -392,6 +450,8 @@ class GraphDecoder:
                              f"got {list(ids.shape)}")
         if ids.device != self._ids.device:
             raise ValueError(f"ids is on {ids.device} but the cache on {self._ids.device}")
+        if self.max_length is not None:
+            self._check_room(1, "this step")
         with self._grad_mode():
             self._adopt_cache_states()
             self._ids.copy_(ids)
@@ -431,15 +491,17 @@ def graph_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
                    backend: Union[str, Any, None] = None) -> torch.LongTensor:
     """Greedy or sampled generation whose decode steps replay one captured graph (``GraphDecoder``).
 
-    The prompt is prefilled eagerly (left padding through ``attention_mask`` is fine), the first decode step runs
-    eagerly too (every layer's state then has its decode-time shape), and every later step is a replay. Token
+    The prompt is prefilled eagerly (left padding through ``attention_mask`` is fine), full-attention and NSA
+    caches get room for ``max_length`` = prompt length + ``max_new_tokens`` tokens (``reserve_growing_caches``), the
+    first decode step runs eagerly too (every layer's state then has its decode-time shape), and every later step
+    is a replay. Token
     choice runs outside the graph: argmax, or with ``do_sample`` a sample of softmax(logits / ``temperature``)
     over the ``top_k`` largest logits (0: all), drawn with ``generator``. As ``generate()`` does, a row that has
     produced ``eos_token_id`` continues with ``pad_token_id`` (default: the eos id), and generation stops once every
     row has (one host read per step, only when ``eos_token_id`` is set).
 
     Args:
-        model: an eval-mode fla causal LM whose caches keep their size (see ``GraphDecoder``).
+        model: an eval-mode fla causal LM (see ``GraphDecoder``).
         input_ids: [B, T] int prompt; attention_mask: [B, T] 0/1 (left padding) or None.
         max_new_tokens: >= 1. backend: as ``GraphDecoder``'s ('cuda' on CUDA, the 'fx' emulation elsewhere).
 
@@ -463,9 +525,12 @@ def graph_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         nxt = _next_tokens(logits[:, -1], do_sample, temperature, top_k, generator)
         return nxt if pad is None else torch.where(done, torch.full_like(nxt, pad), nxt)
 
+    max_length = input_ids.shape[1] + max_new_tokens
     with torch.no_grad():
         out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        if max_new_tokens > 1 and growing_cache_layers(model):  # the first (eager) step writes in place already
+            reserve_growing_caches(model, cache, max_length)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new = [choose(out.logits, done)]
         decoder = None
@@ -477,7 +542,7 @@ def graph_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
             ids = new[-1][:, None]
             if decoder is None:
                 logits = model(ids, past_key_values=cache, use_cache=True).logits
-                decoder = GraphDecoder(model, cache, backend=backend).capture()
+                decoder = GraphDecoder(model, cache, backend=backend, max_length=max_length).capture()
             else:
                 logits = decoder.step(ids)
             new.append(choose(logits, done))

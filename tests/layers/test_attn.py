@@ -237,3 +237,57 @@ def test_errors(device):
     layer(x, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="holds 1 sequences"):
         layer(torch.randn(2, 1, H, device=device), past_key_values=cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reserve_cache: full attention decodes in place
+
+
+def test_reserved_cache_decodes_in_place_and_matches_full_forward(device):
+    """After ``reserve_cache`` the one-token steps (left padding, a row whose first steps are padding) write into
+    the same tensors (data_ptr fixed), a chunked continuation too, and every real token's output equals the full
+    forward; a step that does not store leaves the cache as it was; past the capacity a step concatenates."""
+    layer = make_layer(device).eval()
+    lens, T, prefill = [14, 9, 5], 14, 4
+    x, mask = left_padded(lens, T, device)
+    full, _, _ = layer(x, attention_mask=mask)
+    with torch.no_grad():
+        cache = Cache()
+        outs = [layer(x[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache, use_cache=True)[0]]
+        assert layer.reserve_cache(cache, T - 1) == T - 1 and layer.reserve_cache(cache, 3) == T - 1
+        k, v = cache[0]["attn_state"]
+        ptrs = (k.data_ptr(), v.data_ptr())
+        assert k.shape[1] == T - 1
+        for t in range(prefill, T - 4):
+            if t == prefill:  # not storing: the same output, the cache untouched
+                before = [s.clone() for s in cache[0]["attn_state"]] + [cache[0]["attn_lengths"].clone()]
+                unstored, _, _ = layer(x[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache)
+                after = [*cache[0]["attn_state"], cache[0]["attn_lengths"]]
+                assert all(torch.equal(a, b) for a, b in zip(before, after))
+            outs.append(layer(x[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                              use_cache=True)[0])
+            if t == prefill:
+                assert_close("not stored", unstored, outs[-1], 1e-6)
+        outs.append(layer(x[:, T - 4:T - 1], attention_mask=mask[:, :T - 1], past_key_values=cache,
+                          use_cache=True)[0])  # chunked, fills the capacity exactly
+        assert tuple(s.data_ptr() for s in cache[0]["attn_state"]) == ptrs
+        outs.append(layer(x[:, T - 1:], attention_mask=mask, past_key_values=cache, use_cache=True)[0])
+        assert cache[0]["attn_state"][0].shape[1] == T  # no room left: concatenated
+    out = torch.cat(outs, 1)
+    assert cache.get_seq_length(0) == T and cache[0]["attn_lengths"].tolist() == lens
+    for b, n in enumerate(lens):
+        assert_close(f"row {b}", out[b, T - n:], full[b, T - n:], 1e-5)
+
+
+def test_reserve_cache_errors(device):
+    layer = make_layer(device).eval()
+    with pytest.raises(ValueError, match="holds no state of layer 0"):
+        layer.reserve_cache(Cache(), 8)
+    cache = Cache()
+    with torch.no_grad():
+        layer(torch.randn(2, 3, H, device=device), past_key_values=cache, use_cache=True)
+    for bad in (0, True, 4.0, None):
+        with pytest.raises(ValueError, match="capacity must be an integer >= 1"):
+            layer.reserve_cache(cache, bad)
+    with pytest.raises(ValueError, match="full attention.*window_size=3"):
+        make_layer(device, window_size=3).reserve_cache(cache, 8)

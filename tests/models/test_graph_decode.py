@@ -6,7 +6,9 @@ device values fail the capture. The ``gpu`` test runs the real CUDA-graph backen
 
 Every case: a batch of 3 rows with random left padding is prefilled, stepped once eagerly, copied (the reference),
 captured, then 20 graph steps, 3 eager steps and 3 graph steps on the captured cache are compared, logits and
-seen-token counts, with eager steps of the same tokens on the copy.
+seen-token counts, with eager steps of the same tokens on the copy. Models whose caches grow (full attention, NSA)
+are captured with ``max_length``: their caches get that capacity, keep their tensors through every step, and a step
+past ``max_length`` raises.
 """
 
 import copy
@@ -16,8 +18,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fla.layers import Attention, GatedDeltaNet, LTEAttention
-from fla.models.graph_decode import GraphDecoder, cache_leaves, graph_generate, growing_cache_layers
+from fla.layers import Attention, GatedDeltaNet, LTEAttention, NativeSparseAttention
+from fla.models.graph_decode import (
+    FXTraceCapture,
+    GraphDecoder,
+    cache_leaves,
+    graph_generate,
+    growing_cache_layers,
+)
 from fla.models.utils import Cache
 from fla.utils.testing import assert_close
 from tests.models.helpers import left_padded_batch
@@ -32,10 +40,15 @@ WINDOW = 32  # the window of both tiny JSON configs (SWA: 32 keys; LTE: the toke
 
 def build(kind: str, device, dtype=torch.float32, **attn):
     """A tiny eval-mode model: 'gdn' (Gated DeltaNet only), 'gdn_swa' (configs/tiny_gdn_swa.json), 'gdn_attn' (the
-    same with full attention), 'lalte' (configs/tiny_gdn_lte.json); ``attn`` overrides keys of the attn dict."""
+    same with full attention), 'lalte' (configs/tiny_gdn_lte.json), 'transformer' (2 full-attention layers),
+    'lansa' (GDN + NSA on layers 1 and 3, block size 4); ``attn`` overrides keys of the attn dict."""
     torch.manual_seed(0)
+    if kind == "transformer":
+        return tiny_transformer(device).to(dtype=dtype).eval()
     if kind == "gdn":
         config = tiny_gdn_config()
+    elif kind == "lansa":
+        config = tiny_hybrid_config(attn_type="nsa")
     else:
         config = AutoConfig.from_pretrained(CONFIGS / ("tiny_gdn_lte.json" if kind == "lalte" else "tiny_gdn_swa.json"))
         config.vocab_size, config.pad_token_id = V, 0
@@ -58,15 +71,26 @@ def prefill(model, T: int, device, batch: int = 3):
     return cache
 
 
-def check_graph_decoding(model, T: int, device, backend: str, tol: float, graph_steps: int = 20,
-                         eager_steps: int = 3, graph_steps_after: int = 3) -> GraphDecoder:
+def growing_tensors(model, cache):
+    """The cached keys / values (and NSA's compressed blocks) of every full-attention and NSA layer."""
+    return [t for layer, _, _ in growing_cache_layers(model)
+            for name in ("attn_state", "nsa_cmp_state") for t in (cache[layer].get(name) or ())]
+
+
+def check_graph_decoding(model, T: int, device, backend, tol: float, graph_steps: int = 20,
+                         eager_steps: int = 3, graph_steps_after: int = 3, extra_room: int = 0) -> GraphDecoder:
+    """``extra_room``: for models whose caches grow, capture with max_length = every token of the schedule and
+    of the 3-token continuation, plus ``extra_room`` graph steps after it; then one more step must raise."""
+    schedule = ["graph"] * graph_steps + ["eager"] * eager_steps + ["graph"] * graph_steps_after
+    growing = bool(growing_cache_layers(model))
+    max_length = T + 1 + len(schedule) + 3 + extra_room if growing else None
     with torch.no_grad():
         cache = prefill(model, T, device)
         reference = copy.deepcopy(cache)
-        decoder = GraphDecoder(model, cache, backend=backend).capture()
+        decoder = GraphDecoder(model, cache, backend=backend, max_length=max_length).capture()
+        ptrs = [t.data_ptr() for t in growing_tensors(model, cache)]
         # capturing consumed no token: the counts are as before and the next step continues from the same state
         assert cache.seen_tokens_per_layer() == reference.seen_tokens_per_layer()
-        schedule = ["graph"] * graph_steps + ["eager"] * eager_steps + ["graph"] * graph_steps_after
         for t, how in enumerate(schedule):
             ids = torch.randint(3, V, (cache.batch_size, 1), device=device)
             if how == "graph":
@@ -81,6 +105,16 @@ def check_graph_decoding(model, T: int, device, backend: str, tol: float, graph_
         ids = torch.randint(3, V, (cache.batch_size, 3), device=device)
         assert_close("3-token continuation", model(ids, past_key_values=cache, use_cache=True).logits,
                      model(ids, past_key_values=reference, use_cache=True).logits, tol)
+        if growing:  # graph steps go on after it, up to max_length, on the same reserved tensors
+            for t in range(extra_room):
+                ids = torch.randint(3, V, (cache.batch_size, 1), device=device)
+                assert_close(f"step {t} after the continuation", decoder.step(ids),
+                             model(ids, past_key_values=reference, use_cache=True).logits, tol)
+            assert [t.data_ptr() for t in growing_tensors(model, cache)] == ptrs
+            assert cache.get_seq_length() == max_length
+            with pytest.raises(ValueError, match=rf"would take the cache to {max_length + 1} tokens .*past "
+                                                 rf"max_length={max_length}"):
+                decoder.step(ids)
     return decoder
 
 
@@ -98,6 +132,53 @@ def test_graph_steps_equal_eager_steps(kind, T):
             assert decoder.cache[module.layer_idx]["attn_state"][0].shape[1] == WINDOW
 
 
+GROWING_CASES = [("transformer", 12), ("lansa", 12), ("lansa", 5)]
+
+
+@pytest.mark.parametrize("kind, T", GROWING_CASES, ids=[f"{k}-T{t}" for k, t in GROWING_CASES])
+def test_graph_steps_with_reserved_caches_equal_eager_steps(kind, T):
+    """Full attention and NSA, captured with max_length: the caches get the capacity (NSA: rounded up to its block
+    size), graph, eager and chunked steps on them equal eager steps on an unreserved copy and keep the tensors,
+    and the step past max_length raises. T = 5: NSA's first blocks complete during the graph steps."""
+    model = build(kind, "cpu")
+    decoder = check_graph_decoding(model, T, "cpu", backend="fx", tol=1e-5, extra_room=2)
+    for module in model.modules():
+        if isinstance(module, (Attention, NativeSparseAttention)):
+            capacity = decoder.cache[module.layer_idx]["attn_state"][0].shape[1]
+            assert capacity == (decoder.max_length if isinstance(module, Attention) else
+                                -(-decoder.max_length // module.block_size) * module.block_size)
+
+
+class WarmedUpFX(FXTraceCapture):
+    """Runs the step twice eagerly before tracing it, as the CUDA-graph backend's warm-up runs do."""
+
+    def capture(self, fn, inputs):
+        for _ in range(2):
+            fn(*inputs)
+        return super().capture(fn, inputs)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lansa"])
+def test_capture_runs_need_no_room_beyond_max_length(kind):
+    """Capture runs of the step (warm-ups) may go past max_length; they write nowhere they should not and are
+    undone: with room for exactly one step, that step equals the eager one, and the next one raises."""
+    model = build(kind, "cpu")
+    with torch.no_grad():
+        cache = prefill(model, 7, "cpu")
+        reference = copy.deepcopy(cache)
+        decoder = GraphDecoder(model, cache, backend=WarmedUpFX(), max_length=cache.get_seq_length() + 1).capture()
+        assert cache.seen_tokens_per_layer() == reference.seen_tokens_per_layer()
+        ids = torch.randint(3, V, (3, 1))
+        assert_close("the one step", decoder.step(ids), model(ids, past_key_values=reference, use_cache=True).logits,
+                     1e-5)
+        with pytest.raises(ValueError, match="past max_length=9"):
+            decoder.step(ids)
+        with pytest.raises(ValueError, match=r"capture \(which needs room for one step\) would take the cache to 10"):
+            GraphDecoder(model, cache, backend="fx", max_length=9).capture()
+        with pytest.raises(ValueError, match="max_length must be an int >= 1 or None"):
+            GraphDecoder(model, cache, max_length=0)
+
+
 def test_growing_caches_are_refused():
     transformer = tiny_transformer("cpu").eval()
     assert [layer for layer, _, _ in growing_cache_layers(transformer)] == [0, 1]
@@ -107,6 +188,8 @@ def test_growing_caches_are_refused():
         with pytest.raises(ValueError, match=r"layer 0: state 'attn_state' grows with the sequence \(a full-attention"
                                              r".*cannot be decoded with a CUDA graph"):
             GraphDecoder(transformer, cache).capture()
+        with pytest.raises(ValueError, match="pass max_length"):
+            GraphDecoder(transformer, cache, backend="fx").step(torch.zeros(3, 1, dtype=torch.long))
         assert cache.seen_tokens_per_layer() == counts
         hybrid = build("gdn_attn", "cpu")
         with pytest.raises(ValueError, match="layer 1: state 'attn_state'"):
@@ -185,7 +268,7 @@ def test_argument_errors():
             decoder.step(torch.zeros(3, 1, dtype=torch.long))
 
 
-GEN_CASES = [("gdn_swa", 40), ("lalte", 40), ("lalte", 10)]
+GEN_CASES = [("gdn_swa", 40), ("lalte", 40), ("lalte", 10), ("transformer", 12), ("lansa", 12)]
 
 
 @pytest.mark.parametrize("kind, T", GEN_CASES, ids=[f"{k}-T{t}" for k, t in GEN_CASES])
@@ -230,8 +313,23 @@ def test_graph_generate_sampling_and_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, T", CASES, ids=[f"{k}-T{t}" for k, t in CASES])
+@pytest.mark.parametrize("kind, T", CASES + GROWING_CASES, ids=[f"{k}-T{t}" for k, t in CASES + GROWING_CASES])
 def test_cuda_graph_steps_equal_eager_steps(kind, T, backend):
-    """The real CUDA-graph backend in bf16, with the torch and the Triton paths (``FLA_BACKEND``)."""
+    """The real CUDA-graph backend in bf16, with the torch and the Triton paths (``FLA_BACKEND``); full attention
+    and NSA with max_length (reserved caches)."""
     model = build(kind, "cuda", dtype=torch.bfloat16)
-    check_graph_decoding(model, T, "cuda", backend="cuda", tol=2e-2)
+    check_graph_decoding(model, T, "cuda", backend="cuda", tol=2e-2, extra_room=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["transformer", "lansa"])
+def test_cuda_graph_generate_equals_generate(kind, backend):
+    """graph_generate with CUDA graphs gives generate()'s greedy tokens (float32: no near-tie flips between the
+    reserved, in-place cache and generate()'s concatenated one)."""
+    model = build(kind, "cuda")
+    ids, mask = left_padded_batch([12, 3, 7], 12, "cuda", V)
+    with torch.no_grad():
+        ours = graph_generate(model, ids, mask, max_new_tokens=10, backend="cuda")
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    assert torch.equal(ours, ref), (ours[:, 12:], ref[:, 12:])
