@@ -246,8 +246,11 @@ def cmp_bwd(q, k_cmp, v_cmp, o, lse, do, num_keys: int, block_size: int, scale: 
         do_cmp = do if gate is None else (do.float() * gate.float()[..., None])
         delta = (o.float() * do_cmp.float()).sum(-1).contiguous()
     g = gate if gate is not None else lse
+    # float32 or heads wider than 64: one pipeline stage (the default stages of the dk/dv kernel need 247 KB of
+    # shared memory at float32 D128, over the H200's 232 KB); bf16 / fp16 D <= 64 keep Triton's default
+    stages = {} if q.dtype != torch.float32 and max(DK, DV) <= 64 else {"num_stages": 1}
     common = dict(HQ=HQ, H=H, G=G, DK=DK, DV=DV, BS=block_size, BM=BM, BC=BC, BK=BK, BV=BV,
-                  PRECISION=_precision(q), HAS_GATE=gate is not None, num_warps=4)
+                  PRECISION=_precision(q), HAS_GATE=gate is not None, num_warps=4, **stages)
     if B * Tq > 0:
         _cmp_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * HQ)](q, k_cmp, v_cmp, do, g, lse, delta, dq, scale * LOG2E,
                                                           scale, Tq, num_keys, NB, **common)

@@ -6,12 +6,11 @@ re-pooled (``fla.ops.nsa.compression.append_compressed_blocks`` pools a block on
 
 Two implementations of one definition (``fla.ops.nsa.naive`` is the float32 truth):
 
-- torch path (CPU, and CUDA by default for now): ``nsa_decoding_one_step_torch``, float32, about a hundred small
+- torch path (CPU; ``FLA_BACKEND=torch`` on CUDA): ``nsa_decoding_one_step_torch``, float32, about a hundred small
   torch ops (host-bound on a GPU);
-- Triton path (``fla.ops.nsa.decoding_kernels``): compressed attention + block ranking in one kernel,
+- Triton path (default on CUDA; ``fla.ops.nsa.decoding_kernels``): compressed attention + block ranking in one kernel,
   ``torch.topk``, selected + window attention and the gated sum in a second kernel; no host read of a device value
-  (CUDA-graph capturable). **Opt-in** (``FLA_BACKEND=triton``) until its gpu-marked tests
-  (``tests/ops/nsa/test_nsa_decoding_triton.py``) pass on the GPU; then ``auto_on_cuda`` below becomes True.
+  (CUDA-graph capturable). Its gpu-marked tests (``tests/ops/nsa/test_nsa_decoding_triton.py``) pass on an H200.
 """
 
 from __future__ import annotations
@@ -143,7 +142,7 @@ def nsa_decoding_one_step(
             check_tensor(name, g, ndim=3, shape=[N, 1, HQ], dtype=FLOAT_DTYPES, device=q.device)
     check_scale(scale)
     scale = D ** -0.5 if scale is None else float(scale)
-    if use_triton(q, auto_on_cuda=False):
+    if use_triton(q):
         from fla.ops.nsa.decoding_kernels import nsa_decoding_fwd
 
         return nsa_decoding_fwd(q, k_cache, v_cache, k_cmp, v_cmp, seq_lens, g_cmp, g_slc, g_swa, block_counts,

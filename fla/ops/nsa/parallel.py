@@ -2,17 +2,18 @@
 
 Semantics: ``fla.ops.nsa.naive`` (the float32 truth). Two implementations:
 
-- torch path (default): vectorised float32 computation per (dense batch | packed sequence): compressed attention
+- torch path (CPU; ``FLA_BACKEND=torch`` on CUDA): vectorised float32 computation per (dense batch | packed sequence): compressed attention
   over mean-pooled complete blocks, top-k block selection (non-differentiable), selected attention through a
   dense block mask by query chunks (bounded peak memory without autograd; O(HQ T_q T_k) saved with autograd),
   sliding-window attention (``fla.ops.attn.parallel_attn`` when T_q = T_k, else a masked softmax); gradients by
   autograd.
-- Triton path: compressed attention forward + backward and the block ranking
+- Triton path (default on CUDA): compressed attention forward + backward and the block ranking
   (``fla.ops.nsa.compression_kernels``; mean pooling and ``torch.topk`` stay in torch), selected-block attention
   forward + backward (``fla.ops.nsa.parallel_kernels``), the window branch through ``parallel_attn``'s kernels
   (T_q = T_k; a masked softmax in torch otherwise). With the selected branch on, the branches and their gated sum are
   one autograd function (``fla.ops.nsa.fused``: no float32 branch outputs, the sum fused into the selected kernel).
-  **Opt-in** (``FLA_BACKEND=triton``) until proven on the GPU. Packed sequences run one launch set per sequence.
+  Its gpu-marked tests (``tests/ops/nsa/test_nsa_triton.py``) pass on an H200. Packed sequences run one launch set
+  per sequence.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_si
                                          torch.full((B, 0, H, block_counts), -1, dtype=torch.long,
                                                     device=q.device))
     positions = torch.arange(Tq, device=q.device) + (Tk - Tq)
-    triton_path = use_triton(q, auto_on_cuda=False)
+    triton_path = use_triton(q)
     if triton_path and g_slc is not None:
         return _nsa_dense_fused(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale,
                                 block_indices, positions)
