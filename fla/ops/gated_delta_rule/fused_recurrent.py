@@ -1,10 +1,9 @@
 """``fused_recurrent_gated_delta_rule``: token-by-token gated delta rule for decoding (T = 1) and short prefill.
 
 Paths (see ``fla.utils.backend`` for ``FLA_BACKEND``):
-- Triton (``FLA_BACKEND=triton``, on CUDA or under the interpreter): ``fused_recurrent_kernels``, forward only,
-  one program per (sequence, head, value block) carrying the state tile in registers. Opt-in until the kernel has
-  run against the reference on a GPU; until then CUDA tensors take the torch path too.
-- torch (CPU tensors, and CUDA by default): a token loop batched over sequences and heads (updating the state in place when no
+- Triton (default on CUDA; ``FLA_BACKEND=triton`` also under the interpreter): ``fused_recurrent_kernels``,
+  forward only, one program per (sequence, head, value block) carrying the state tile in registers.
+- torch (CPU tensors; ``FLA_BACKEND=torch`` on CUDA): a token loop batched over sequences and heads (updating the state in place when no
   gradient is needed) for sequences of at most ``TOKEN_LOOP_MAX_LEN`` tokens (``TOKEN_LOOP_MAX_LEN_GRAD`` under
   autograd), else the chunked ``chunk_gated_delta_rule_torch``. Float32 arithmetic.
 - When a gradient is needed (grad mode on and any input requires grad) the torch path runs on any device, so
@@ -155,8 +154,7 @@ def fused_recurrent_gated_delta_rule(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
 
-    # opt-in (FLA_BACKEND=triton) until the decode kernel has run against the reference on a GPU
-    if not needs_grad and use_triton(q, auto_on_cuda=False):
+    if not needs_grad and use_triton(q):
         from fla.ops.gated_delta_rule.fused_recurrent_kernels import fused_recurrent_gdn_fwd
 
         return fused_recurrent_gdn_fwd(q, k, v, g, beta, float(scale), initial_state, output_final_state,
