@@ -10,12 +10,14 @@ Three implementations:
 - ``naive_lte_decoding``: float32, heads repeated, the truth for tests;
 - torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): float32 softmax with GQA as [B, H, G] groups (no repeat
   of the cache);
-- Triton path (``fla.ops.lte.decoding_kernels``): split-K over the S slots with all G query heads of a kv head in
-  one program (K and V read once), merged with log-sum-exp. Default on CUDA (proven on an H200).
+- Triton path (``fla.ops.lte.decoding_kernels``): the softmax-attention decode kernel
+  (``fla.ops.attn.decoding_kernels``) with a per-slot validity mask, all G query heads of a kv head in one program
+  (K and V read once); the S slots cut into splits (three at the paper's B8-H16 shape on an H200) merged with
+  log-sum-exp by a combine launch. Default on CUDA.
 
 Cost model per step: the whole cache is read once, B * S * H * (D + V) * elem bytes plus B * S * H bytes of valid
 flags (invalid slots are masked loads); compute is 2 * B * S * HQ * (D + V) flops, so the op is memory bound and
-its time should approach that byte count over the memory bandwidth (S = 1282 for the paper's w = 768, b = 512).
+its time should approach that byte count over the memory bandwidth (S = 1281 for the paper's w = 768, b = 512).
 """
 
 from __future__ import annotations

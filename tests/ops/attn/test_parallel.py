@@ -222,17 +222,19 @@ compile_sm90(P._attn_fwd_kernel, ptr, common, 4, 2)
 compile_sm90(P._attn_bwd_dkdv_kernel, ptr, common, 8, 1)
 compile_sm90(P._attn_bwd_dq_kernel, ptr, common, 8, 1)
 compile_sm90(P._attn_bwd_preprocess_kernel, ptr, dict(HQ=8, DV=128, BR=32, BV=128), 4, 2)
-ptr.update(M_ws="*fp32", L_ws="*fp32", ACC_ws="*fp32", seq_start="*i32")
+ptr.update(M_ws="*fp32", L_ws="*fp32", ACC_ws="*fp32", seq_start="*i32", VALID="*u8")
 compile_sm90(Dk._attn_decoding_split_kernel, ptr, dict(HQ=16, H=4, G=4, DK=128, DV=128, BS=64, BK=128, BV=128,
-                                                       HAS_START=True, USE_WINDOW=True), 4, 2)
+                                                       HAS_START=True, USE_WINDOW=True, HAS_VALID=False), 4, 2)
+compile_sm90(Dk._attn_decoding_split_kernel, ptr, dict(HQ=16, H=16, G=1, DK=64, DV=64, BS=64, BK=64, BV=64,
+                                                       HAS_START=False, USE_WINDOW=False, HAS_VALID=True), 4, 3)
 compile_sm90(Dk._attn_decoding_combine_kernel, ptr, dict(DV=128, BNS=16, BV=128), 4, 2)
 print("COMPILED")
 """
 
 
 def test_kernels_compile_for_sm90():
-    """The attention kernels (forward, backward, decoding) compile to sm_90 code with this Triton, no GPU needed
-    (a compile check only: numerics on Hopper need the gpu-marked tests)."""
+    """The attention kernels (forward, backward, decoding with and without LTE's valid mask) compile to sm_90 code
+    with this Triton, no GPU needed (a compile check only: numerics on Hopper need the gpu-marked tests)."""
     import os
     import subprocess
     import sys

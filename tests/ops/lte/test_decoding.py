@@ -1,10 +1,11 @@
 """lte_decoding_one_step: both backends against naive_lte_decoding and a float64 reference (GQA, odd sizes, rows
-whose buffer is empty, a row with nothing valid); the cache after prefill; validation errors."""
+whose buffer is empty, a row with nothing valid); the Triton launcher's single-split and several-split paths forced,
+on the cache's own layout and views of it; the cache after prefill; validation errors."""
 
 import pytest
 import torch
 
-from fla.ops.lte.cache import lte_cache_prefill
+from fla.ops.lte.cache import lte_cache_prefill, lte_empty_cache
 from fla.ops.lte.decoding import lte_decoding_one_step, naive_lte_decoding
 from fla.utils.testing import assert_close
 
@@ -106,22 +107,115 @@ def test_decoding_after_prefill(backend, device):
     assert_close("o", o, reference64(q, k, v, vis), 1e-5)
 
 
+class _Recorder:
+    """Stands in for a Triton kernel: counts its launches and keeps the arguments of the last one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches, self.args = kernel, 0, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            self.args = args
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _record_launches(monkeypatch):
+    """Wraps the attention decode kernels that LTE's Triton path launches; returns (split, combine) recorders."""
+    import fla.ops.attn.decoding_kernels as attn_kernels
+
+    split = _Recorder(attn_kernels._attn_decoding_split_kernel)
+    combine = _Recorder(attn_kernels._attn_decoding_combine_kernel)
+    monkeypatch.setattr(attn_kernels, "_attn_decoding_split_kernel", split)
+    monkeypatch.setattr(attn_kernels, "_attn_decoding_combine_kernel", combine)
+    return split, combine
+
+
+SPLIT_CASES = [  # (B, HQ, H, D, V, W1, b, dtype)
+    (3, 2, 2, 32, 32, 41, 26, torch.float32),  # G = 1, S = 67
+    (3, 4, 2, 16, 48, 33, 20, torch.float32),  # G = 2, D != V, S = 53
+    (3, 8, 2, 32, 32, 29, 0, torch.bfloat16),  # G = 4, no buffer, S = 29
+    (3, 4, 1, 64, 64, 57, 44, torch.bfloat16),  # G = 4, one kv head, S = 101
+]
+
+
+@pytest.mark.parametrize("B,HQ,H,D,V,W1,b,dtype", SPLIT_CASES,
+                         ids=[f"B{c[0]}HQ{c[1]}H{c[2]}D{c[3]}V{c[4]}W{c[5]}b{c[6]}-{str(c[7])[6:]}" for c in
+                              SPLIT_CASES])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decoding_triton_splits(monkeypatch, device, B, HQ, H, D, V, W1, b, dtype, num_splits):
+    """The attention decode kernel with LTE's valid mask: the single-split path (one launch that writes o) and
+    several splits merged by the combine kernel. A cache from ``lte_empty_cache`` is read in place (no copy); a row
+    and a kv head with no valid slot give zeros."""
+    from fla.ops.lte.decoding_kernels import lte_decoding_fwd
+
+    split, combine = _record_launches(monkeypatch)
+    k, v, _, _, valid = lte_empty_cache(B, W1 - 1, b, H, D, V, dtype, device)
+    k.normal_()
+    v.normal_()
+    valid.copy_(random_valid(B, W1, b, H, device))  # row 2: nothing valid
+    valid[0, :, 0] = False  # row 0, kv head 0: nothing valid
+    q = torch.randn(B, 1, HQ, D, device=device).to(dtype)
+    o = lte_decoding_fwd(q, k, v, valid, D ** -0.5, _num_splits=num_splits)
+    assert split.launches == 1 and combine.launches == (0 if num_splits == 1 else 1)
+    assert split.args[1] is k and split.args[2] is v, "the LTE cache layout needs no copy"
+    assert o.dtype == dtype and o.shape == (B, 1, HQ, V)
+    assert_close("o", o, reference64(q, k, v, valid), TOL[dtype])
+    assert torch.equal(o[2], torch.zeros_like(o[2])), "a row with nothing valid gives zeros"
+    G = HQ // H
+    assert torch.equal(o[0, :, :G], torch.zeros_like(o[0, :, :G])), "a kv head with nothing valid gives zeros"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decoding_triton_cache_views(monkeypatch, device, num_splits):
+    """Views of an LTE cache along B and S (and a valid mask with any strides) are read in place; a layout whose
+    heads do not step by D (here [B, H, S, D] transposed) is copied by the launcher and still right."""
+    from fla.ops.lte.decoding_kernels import lte_decoding_fwd
+
+    split, _ = _record_launches(monkeypatch)
+    B, HQ, H, D, W1, b = 4, 4, 2, 32, 21, 14
+    k, v, _, _, valid = lte_empty_cache(B, W1 - 1, b, H, D, D, torch.float32, device)
+    k.normal_()
+    v.normal_()
+    valid.copy_(random_valid(B, W1, b, H, device))
+    q = torch.randn(B // 2, 1, HQ, D, device=device)
+    kv, vv, mv = k[1::2, 3:], v[1::2, 3:], valid[1::2, 3:]
+    o = lte_decoding_fwd(q, kv, vv, mv, 0.3, _num_splits=num_splits)
+    assert split.args[1] is kv and split.args[2] is vv
+    assert_close("o (B, S views)", o, reference64(q, kv, vv, mv, 0.3), 1e-5)
+
+    S = W1 + b
+    kt = torch.randn(B, H, S, D, device=device).transpose(1, 2)
+    vt = torch.randn(B, H, S, D, device=device).transpose(1, 2)
+    mt = (torch.rand(B, H, S, device=device) < 0.6).transpose(1, 2)
+    q = torch.randn(B, 1, HQ, D, device=device)
+    o = lte_decoding_fwd(q, kt, vt, mt, 0.3, _num_splits=num_splits)
+    assert split.args[1] is not kt
+    assert_close("o (heads not stepping by D)", o, reference64(q, kt, vt, mt, 0.3), 1e-5)
+
+
 @pytest.mark.parametrize("HQ,H", [(4, 2), (2, 2)])
 def test_decoding_triton_gpu_blocks(monkeypatch, device, HQ, H):
-    """The split kernel with GPU-like blocks (BS 128, splits of 512 slots over S = 769 + 512), interpreted; and the
-    Triton path really is the one taken."""
+    """The kernel with the GPU's blocks (64 keys) over the paper's S = 769 + 512 slots, interpreted: in several splits
+    through the public op (which really takes the Triton path), in three (as on an H200 at B8 H16), and in one."""
+    import fla.ops.attn.decoding_kernels as attn_kernels
     import fla.ops.lte.decoding as decoding
-    import fla.ops.lte.decoding_kernels as kernels
+    from fla.ops.lte.decoding_kernels import lte_decoding_fwd
 
     monkeypatch.setenv("FLA_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "_config", lambda device, span, programs, bd: (128, 512))
+    monkeypatch.setattr(attn_kernels, "_tiles", lambda BK, BV, G, fp32, interpreting: (64, 4, 1))
     monkeypatch.setattr(decoding, "lte_decoding_one_step_torch", None)
     B, S, D = 2, 769 + 512, 64
     q = torch.randn(B, 1, HQ, D, device=device)
     k, v = torch.randn(B, S, H, D, device=device), torch.randn(B, S, H, D, device=device)
     valid = torch.rand(B, S, H, device=device) < 0.3
     valid[1, :700] = False
-    assert_close("o", lte_decoding_one_step(q, k, v, valid), reference64(q, k, v, valid), 1e-5)
+    ref = reference64(q, k, v, valid)
+    assert_close("o", lte_decoding_one_step(q, k, v, valid), ref, 1e-5)
+    assert_close("o (three splits)", lte_decoding_fwd(q, k, v, valid, D ** -0.5, _num_splits=3), ref, 1e-5)
+    assert_close("o (one split)", lte_decoding_fwd(q, k, v, valid, D ** -0.5, _num_splits=1), ref, 1e-5)
 
 
 def test_decoding_errors(device):
