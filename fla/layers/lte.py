@@ -19,14 +19,16 @@ query's window are pruned to the top ``buffer_size`` (sinks included) by score, 
 
 Cache (``lte_state`` in ``fla.models.utils.Cache``, every tensor batch-first; ``fla.ops.lte.cache`` documents the
 layout): the ring of the last w + 1 tokens (rotated keys, values, scores, sink and valid flags) followed by the
-retained buffer of at most ``buffer_size`` tokens; ``router_k`` / ``router_v`` / ``router_valid``: the pre-RoPE keys
-and values of the last 2m + 1 tokens (m = the router's margin); ``pos`` [B] tokens seen including pads (ring slot of
+retained buffer of at most ``buffer_size`` tokens; ``router_kv`` [B, H_kv 2 hd, 2m + 1] / ``router_valid`` [B, 2m + 1]:
+the router ring, the pre-RoPE keys and values of the last 2m + 1 tokens (m = the router's margin) channel-first in
+the router's input layout, zero where ``router_valid`` is False; ``pos`` [B] tokens seen including pads (ring slot of
 the next token = pos % (w + 1)); ``real`` [B] real tokens seen (the next RoPE position; sinks are real tokens
 0 .. sink_size - 1, also when the prompt is shorter than sink_size).
 
 Decode step for a new token at cache position c: its q / k are rotated at position ``real``; the router scores token
 c - m, whose +-m context has just become complete, on the 2m + 1 cached router inputs (zero outside the sequence,
-as the full forward pads), and writes that score into its ring slot, so every token's score equals the full
+as the full forward pads; ``LTERouter.score_centre`` computes that one position only), and writes that score into its
+ring slot (-inf for a pad, which its slot already holds), so every token's score equals the full
 forward's before it can leave the window (the reference re-scores in batches and de-rotates cached keys, with the
 wrong offset for prompts under 2m tokens); then ``lte_cache_step`` moves the token leaving the window into the
 buffer if it is selected and outranks the buffer's lowest (streaming top-b; sinks always win) and writes the new
@@ -250,9 +252,10 @@ class LTEAttention(nn.Module):
             k_rot.detach(), v_raw.detach(), score, sink, valid, self.window_size, self.buffer_size)
         R = 2 * self.router.margin + 1
         N, L = valid.shape
-        router_k, router_v, router_valid = (_router_ring(x, R) for x in (k_raw.detach(), v_raw.detach(), valid))
+        router_kv = torch.cat([k_raw, v_raw], -1).detach().flatten(2) * valid[..., None]  # [N, L, H_kv 2 hd]
+        router_kv = _router_ring(router_kv, R).transpose(1, 2).contiguous()
         state = {"k_cache": k_cache, "v_cache": v_cache, "score": s_cache, "sink": sink_cache, "valid": valid_cache,
-                 "router_k": router_k, "router_v": router_v, "router_valid": router_valid,
+                 "router_kv": router_kv, "router_valid": _router_ring(valid, R),
                  "pos": torch.full((N,), L, dtype=torch.long, device=valid.device),
                  "real": valid.long().sum(1)}
         past_key_values.update(layer_idx=self.layer_idx, offset=T, lte_state=state)
@@ -278,22 +281,24 @@ class LTEAttention(nn.Module):
         """One token per row (x [B, 1, H], real [B] bool); updates ``state`` in place; returns [B, 1, H]."""
         from fla.ops.lte import lte_cache_step, lte_decoding_one_step
 
+        # Inside a CUDA graph every launch costs a few microseconds whatever its size, so this step keeps them few:
+        # one router ring shifted by one cat + copy, the router at the centre only, no redundant casts.
         B = x.shape[0]
         W1, m = self.window_size + 1, self.router.margin
         q, k, v = self._project(x)
         pos, n_real = state["pos"], state["real"]
-        # router inputs of the last 2m + 1 tokens, shifted in place (every state tensor keeps its storage from step
-        # to step, as CUDA-graph replay needs); then score the token m back, whose context is now complete
-        for name, new in (("router_k", k.detach()[:, 0]), ("router_v", v.detach()[:, 0]), ("router_valid", real)):
-            buf = state[name]
-            buf[:, :-1] = buf[:, 1:].clone()
-            buf[:, -1] = new.to(buf.dtype)
-        center = self.router(state["router_k"], state["router_v"], mask=state["router_valid"])[:, m]  # [B, H]
-        rows = torch.arange(B, device=x.device)
+        # the router ring of the last 2m + 1 tokens, shifted in place (every state tensor keeps its storage from step
+        # to step, as CUDA-graph replay needs); a pad enters as zeros. Then score the token m back, whose context is
+        # now complete.
+        kv, kv_valid = state["router_kv"], state["router_valid"]
+        new = torch.cat([k, v], -1).detach() * real[:, None, None, None]  # [B, 1, H_kv, 2 hd]
+        kv.copy_(torch.cat([kv[:, :, 1:], new.reshape(B, -1, 1)], 2))
+        kv_valid.copy_(torch.cat([kv_valid[:, 1:], real[:, None]], 1))
+        centre = self.router.score_centre(kv, kv_valid)  # [B, H_kv], -inf at a pad
+        # a pad's (or a not-yet-existing token's) ring slot holds -inf (``fla.ops.lte.cache``), so writing the
+        # centre's score unconditionally changes only the slots of real tokens
         target = (pos - m).remainder(W1)
-        write = ((pos - m) >= 0) & state["router_valid"][:, m]
-        current = state["score"][rows, target]
-        state["score"][rows, target] = torch.where(write[:, None], center, current)
+        state["score"].scatter_(1, target[:, None, None].expand(-1, 1, centre.shape[1]), centre[:, None])
 
         q_rot, k_rot = self.rotary(q, k, seqlen_offset=n_real)
         k_cache = state["k_cache"]
@@ -301,7 +306,7 @@ class LTEAttention(nn.Module):
                        pos.remainder(W1), k_rot[:, 0].to(k_cache.dtype), v[:, 0].to(k_cache.dtype), real,
                        real & (n_real < self.sink_size), self.window_size)
         o = lte_decoding_one_step(q_rot.to(k_cache.dtype), k_cache, state["v_cache"], state["valid"])
-        o = torch.where(real[:, None, None, None], o, torch.zeros_like(o)).to(x.dtype)
+        o = torch.where(real[:, None, None, None], o, 0).to(x.dtype)
         pos.add_(1)
-        n_real.add_(real.long())
+        n_real.add_(real)
         return self.o_proj(o.flatten(-2))

@@ -181,6 +181,30 @@ class LTEConvolutionStack(nn.Module):
             x = F.silu(x)
         return F.conv1d(x, self.proj.weight.squeeze(2).to(dtype), self.proj.bias.to(dtype), groups=self.num_groups)
 
+    def forward_centre(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits of the centre position only: x [N, G c_0, RF] (RF = ``receptive_field``), mask [N, RF] bool.
+
+        Returns [N, G] in the compute dtype, equal to ``forward(x, mask)[..., RF // 2]`` whenever the centre is
+        unmasked. Each convolution runs without padding on exactly the positions the centre depends on (layer j's
+        input spans centre +- sum_{i >= j} (k_i - 1) d_i / 2), so 'same' padding is never reached. The centre's
+        own mask at the last convolution is left out (a masked centre's logit is unspecified; the caller masks its
+        score): one launch less in a decode step, where every launch counts."""
+        if x.ndim != 3 or x.shape[-1] != self.receptive_field:
+            raise ValueError(f"x must be [N, channels, receptive_field={self.receptive_field}], got {list(x.shape)}")
+        dtype = torch.promote_types(x.dtype, self.proj.weight.dtype)
+        x = x.to(dtype)
+        offset, last = 0, len(self.convs) - 1
+        for j, (conv, k, d) in enumerate(zip(self.convs, self.conv_size, self.conv_dilation)):
+            x = F.dropout(x, self.dropout_prob, self.training)
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            x = F.conv1d(x, conv.weight.squeeze(2).to(dtype), bias, dilation=d, groups=self.num_groups)
+            offset += (k - 1) * d // 2  # ring position of output 0
+            if j < last:
+                x = x * mask[:, None, offset:offset + x.shape[-1]]  # bool: exact 0 / 1, no cast launch
+            x = F.silu(x)
+        return F.conv1d(x, self.proj.weight.squeeze(2).to(dtype), self.proj.bias.to(dtype),
+                        groups=self.num_groups)[..., 0]
+
 
 class LTERouter(nn.Module):
     """Scores each token of each key/value head for eviction; see the module docstring.
@@ -320,6 +344,36 @@ class LTERouter(nn.Module):
             valid = valid.index_put((seq_ids, pos), mask[0])
         score = self._score(padded, valid)
         return score[seq_ids, pos].unsqueeze(0)
+
+    def score_centre(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The score of the centre of a window of RF = ``receptive_field`` tokens (the cached decode step's ring).
+
+        Args:
+            x: [B, H_kv * 2 hd, RF]: per head its key then its value features, channel-first (a contiguous ring
+                whose 'layer' / 'all' rows are views), **zero** where mask is False (the padding mask of ``forward``
+                is not applied to x again).
+            mask: [B, RF] bool, True = token.
+
+        Returns:
+            [B, H_kv] float32: ``forward(k, v, mask)[:, RF // 2]`` of the same window; -inf where the centre is
+            masked.
+        """
+        B, C, RF = x.shape
+        H = self.num_kv_heads
+        if C != 2 * H * self.head_dim:
+            raise ValueError(f"x must be [batch, 2 * num_kv_heads * head_dim = {2 * H * self.head_dim}, "
+                             f"receptive_field], got {list(x.shape)}")
+        check_tensor("mask", mask, shape=(B, RF), dtype=torch.bool, device=x.device)
+        if not self.routing_grad:
+            x = x.detach()
+        if self.routing_shared == "head":
+            logits = self.conv_stack.forward_centre(x, mask)  # [B, H]
+        else:
+            logits = self.conv_stack.forward_centre(x.reshape(B * H, C // H, RF),
+                                                    mask.repeat_interleave(H, dim=0)).reshape(B, H)
+        logits = logits.float()  # as in _score: the activation runs in float32
+        score = torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else torch.relu(logits)
+        return torch.where(mask[:, RF // 2, None], score, float("-inf"))
 
     def _score(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x [B, T, H, 2 hd], mask [B, T] bool or None -> score [B, T, H] float32."""

@@ -293,3 +293,32 @@ def test_stack_direct_use():
     stack = LTEConvolutionStack(8, 2, [3], [1])
     out = stack(torch.randn(3, 16, 11))
     assert out.shape == (3, 2, 11)
+
+
+@pytest.mark.parametrize("shared", ["head", "layer", "all"])
+@pytest.mark.parametrize("method", ["sigmoid", "relu"])
+def test_score_centre_equals_full_window_score(shared, method):
+    """The decode step's centre-only router (convolutions without padding on the exact slices) equals the full
+    forward at the centre of the window, also when the window reaches past the sequence start (left-edge rings whose
+    first flags are False), with pads inside it, and gives -inf at a padded centre."""
+    router = make_router(shared, routing_method=method)
+    randomize_biases(router)
+    RF, H, hd = router.receptive_field, 3, 8
+    B = 6
+    k, v = kv(B, RF, H, hd)
+    mask = torch.ones(B, RF, dtype=torch.bool)
+    mask[1, :3] = False  # the sequence starts 3 tokens into the window
+    mask[2, : RF // 2] = False  # the centre is the first token
+    mask[3] = torch.rand(RF) < 0.6
+    mask[3, RF // 2] = True
+    mask[4, RF // 2] = False  # a padded centre
+    mask[5, : RF // 2 - 1] = False
+    mask[5, -1] = False
+    x = (torch.cat([k, v], -1).flatten(2) * mask[..., None]).transpose(1, 2).contiguous()  # zero where padded
+    got = router.score_centre(x, mask)
+    want = router(k, v, mask)[:, RF // 2]
+    assert torch.isinf(got[4]).all() and (got[4] < 0).all()
+    assert_close("centre score", got[torch.arange(B) != 4], want[torch.arange(B) != 4], 1e-6)  # float32 scores
+    assert_close("reference", got[:4], reference_score(router, k, v, mask)[:4, RF // 2], 1e-6)
+    with pytest.raises(ValueError, match="receptive_field"):
+        router.conv_stack.forward_centre(x[..., 1:], mask[:, 1:])
