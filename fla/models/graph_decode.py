@@ -41,6 +41,7 @@ replay. Any object with a ``capture(fn, inputs) -> replay`` method (see ``CUDAGr
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -134,6 +135,14 @@ def _check_layout(paths: Sequence[Tuple[int, str]], static: Sequence[torch.Tenso
 # computed again from the current contents of ``inputs`` (fn updates some of them in place)
 
 
+@functools.lru_cache(maxsize=None)
+def _capture_stream(device_index: int) -> "torch.cuda.Stream":
+    """The one side stream of a device on which every capture warms up and records. torch keeps a cuBLAS workspace
+    (32 MiB on Hopper) for each stream that runs a matmul and never frees it, so a new stream per capture made the
+    allocated memory grow by about that much with every ``GraphDecoder`` of a process."""
+    return torch.cuda.Stream(device=device_index)
+
+
 class CUDAGraphCapture:
     """``torch.cuda.CUDAGraph`` capture: ``warmup_runs`` runs on a side stream first (as the torch docs require:
     kernel compilation, autotuning and allocator warm-up stay out of the graph), then one capture. ``replay()``
@@ -151,14 +160,14 @@ class CUDAGraphCapture:
         if device.type != "cuda":
             raise ValueError(f"the 'cuda' capture backend needs CUDA tensors, but the cache is on {device}; use "
                              "backend='fx' on other devices")
-        stream = torch.cuda.Stream(device=device)
+        stream = _capture_stream(device.index if device.index is not None else torch.cuda.current_device())
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(self.warmup_runs):
                 fn(*inputs)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             out = fn(*inputs)
 
         def replay() -> torch.Tensor:
