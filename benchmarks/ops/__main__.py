@@ -5,8 +5,8 @@
 
 Suites (see ``benchmarks/ops/runner.py``): gdn (chunk fwd / fwd+bwd, decode step; anchor fla-core via
 ``--anchor-path``, timed in a child process), attn (full and sliding-window prefill vs torch SDPA, FlexAttention and
-fla-core's ``parallel_attn``; decode step vs SDPA), nsa (prefill vs full causal SDPA and, without the window branch,
-vs fla-core's ``parallel_nsa``; decode step vs SDPA over the cache), lte (training attention
+fla-core's ``parallel_attn``; decode step vs SDPA, eager and as CUDA-graph replays), nsa (prefill vs full causal SDPA and, without the window branch,
+vs fla-core's ``parallel_nsa``; decode step vs SDPA over the cache, eager and as CUDA-graph replays), lte (training attention
 vs our sliding window and FlexAttention; decode step vs full-attention decode). Shapes: the paper's 0.4B and 1.4B
 layer shapes on CUDA (bf16, do_bench medians); ``--quick`` runs tiny shapes on the CPU (float32, torch paths,
 wall-clock medians; CUDA-only anchors skipped with a note) in well under a minute.

@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import backend, bench_ms, device_name, print_table, write_json
+from benchmarks.common import backend, bench_ms, device_name, graph_ms, print_table, write_json
 
 SHAPES = [(8, 4096, 16, 16, 64), (2, 16384, 16, 16, 64), (8, 4096, 32, 8, 64)]
 QUICK_SHAPES = [(2, 2048, 16, 16, 64), (2, 2048, 32, 8, 64)]
@@ -130,11 +130,15 @@ def _bench_decode_shape(B, S, HQ, H, D, device="cuda", timer=bench_ms):
     k = torch.randn(B, S, H, D, device=device, dtype=dt)
     v = torch.randn(B, S, H, D, device=device, dtype=dt)
     row = {"shape": f"B{B}-S{S}-HQ{HQ}-H{H}-D{D}"}
-    with backend(_ours_backend(device)):
-        row["ours"] = timer(lambda: attn_decoding_one_step(q, k, v))
-        row["ours_w1024"] = timer(lambda: attn_decoding_one_step(q, k, v, window_size=1024))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    row["sdpa"] = timer(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H))
+    fns = {"ours": lambda: attn_decoding_one_step(q, k, v),
+           "ours_w1024": lambda: attn_decoding_one_step(q, k, v, window_size=1024),
+           "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H)}
+    with backend(_ours_backend(device)):
+        for name, fn in fns.items():
+            row[name] = timer(fn)
+            if device == "cuda":  # replayed as a CUDA graph: the kernels without Python and launch latency
+                row[f"{name}_graph"] = graph_ms(fn)
     row["ours/sdpa"] = row["ours"] / row["sdpa"]
     row["ours_GB/s"] = 2 * B * S * H * D * dt.itemsize / row["ours"] / 1e6  # k and v read once
     print(row, flush=True)
@@ -168,7 +172,8 @@ def main():
 
     title = f"causal attention, bf16, {device_name()}, torch {torch.__version__} (ms, median; ratio < 1: ours faster)"
     text = print_table(prefill, ["shape", "window", "mode", "ours", "sdpa", "flex", "ours/sdpa", "ours/flex"], title)
-    text += "\n\n" + print_table(decode, ["shape", "ours", "ours_w1024", "sdpa", "ours/sdpa", "ours_GB/s"],
+    decode_columns = ["shape", "ours", "ours_w1024", "sdpa", "ours/sdpa", "ours_graph", "sdpa_graph", "ours_GB/s"]
+    text += "\n\n" + print_table(decode, decode_columns,
                                  "decoding one step, bf16 (ms, median)")
     errors = [f"{r['shape']} w={r['window']} {r['mode']}: {k}={v}" for r in prefill for k, v in r.items()
               if k.endswith("_error")]

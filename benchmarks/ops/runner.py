@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import backend, bench_ms
+from benchmarks.common import backend, bench_ms, graph_ms
 
 # paper layer shapes: 0.4B = hidden 1024 (GDN H8 D128, SWA / LTE HQ16 H16 D64, NSA HQ32 H2 D64);
 # 1.4B = hidden 2048 (GDN H8 D256, LTE HQ32 H8 D64, NSA HQ32 H2 D64)
@@ -119,7 +119,7 @@ def _fla_core_rows(anchor_path: Optional[str], device: str, jobs: List[Dict], no
 def attn_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[List[str]] = None,
               anchor_path: Optional[str] = None):
     """Softmax attention: full / sliding-window prefill (vs SDPA, FlexAttention, fla-core's ``parallel_attn``) and
-    the decode step (vs SDPA)."""
+    the decode step (vs SDPA; on CUDA also both replayed as CUDA graphs, ``attn_decode_graph``)."""
     from benchmarks.ops import benchmark_attn as ba
 
     timer = timer_for(device)
@@ -152,6 +152,11 @@ def attn_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[L
         rows.append(_row("attn_decode", r["shape"], "decode", r["ours"], "sdpa", r["sdpa"]))
         rows.append(_row("attn_decode_w1024", r["shape"], "decode", r["ours_w1024"], "sdpa (full cache)",
                          r["sdpa"]))
+        if "ours_graph" in r:  # CUDA: both replayed as graphs, what a graphed decode loop pays
+            rows.append(_row("attn_decode_graph", r["shape"], "decode", r["ours_graph"], "sdpa, graph",
+                             r["sdpa_graph"]))
+            rows.append(_row("attn_decode_w1024_graph", r["shape"], "decode", r["ours_w1024_graph"],
+                             "sdpa (full cache), graph", r["sdpa_graph"]))
     return rows
 
 
@@ -172,7 +177,8 @@ def _nsa_shape(B, T, HQ, H, D, block_size, block_counts, window) -> str:
 def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor_path: Optional[str] = None):
     """NSA prefill fwd / fwd+bwd beside full causal SDPA at the same shape (the cost NSA replaces); without the
     window branch (``window_size=0``) beside fla-core's ``parallel_nsa``, whose window branch needs flash-attn
-    (anchors.md); and the NSA decode step beside SDPA over the whole cache."""
+    (anchors.md); and the NSA decode step beside SDPA over the whole cache, eager and (CUDA) both replayed as CUDA
+    graphs (``nsa_decode_graph``: the kernels without Python and launch latency, what a graphed decode loop pays)."""
     from fla.ops.nsa import mean_pool_blocks, nsa_decoding_one_step, parallel_nsa
 
     timer = timer_for(device)
@@ -241,14 +247,27 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
         seq_lens = torch.full((batch,), S, dtype=torch.long, device=device)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         shape = f"B{batch}-S{S}-HQ{HQ}-H{H}-D{D}"
+        def ours():
+            return nsa_decoding_one_step(q, k, v, k_cmp, v_cmp, seq_lens, gc, gs, gw, block_counts=sc,
+                                         block_size=bs, window_size=w)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H)
+
         try:
             with backend(ours_backend):
-                ours_ms = timer(lambda: nsa_decoding_one_step(q, k, v, k_cmp, v_cmp, seq_lens, gc, gs, gw,
-                                                              block_counts=sc, block_size=bs, window_size=w))
+                ours_ms = timer(ours)
         except Exception as e:  # noqa: BLE001
             ours_ms = f"{type(e).__name__}: {str(e)[:120]}"
-        sdpa_ms = timer(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H))
-        rows.append(_row("nsa_decode", shape, "decode", ours_ms, "sdpa (full cache)", sdpa_ms))
+        rows.append(_row("nsa_decode", shape, "decode", ours_ms, "sdpa (full cache)", timer(sdpa)))
+        if cuda:  # both replayed as CUDA graphs: the kernels without Python and launch latency
+            try:
+                with backend(ours_backend):
+                    ours_ms = graph_ms(ours)
+            except Exception as e:  # noqa: BLE001
+                ours_ms = f"{type(e).__name__}: {str(e)[:120]}"
+            rows.append(_row("nsa_decode_graph", shape, "decode", ours_ms, "sdpa (full cache), graph",
+                             graph_ms(sdpa)))
         del q, k, v, k_cmp, v_cmp
         if cuda:
             torch.cuda.empty_cache()
