@@ -32,11 +32,10 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(x: torch.Tensor, auto_on_cuda: bool = True) -> bool:
-    """Whether an op on ``x`` (its first tensor input) should run its Triton path.
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` (its first tensor input) should run its Triton path: on CUDA unless
+    ``FLA_BACKEND=torch``, elsewhere only when ``FLA_BACKEND=triton``.
 
-    ``auto_on_cuda=False`` is for kernels not yet proven on the GPU: they then run only when ``FLA_BACKEND=triton``
-    asks for them, and CUDA tensors take the torch path by default.
     Raises ``ValueError`` when ``FLA_BACKEND=triton`` is asked for a CPU tensor without the Triton interpreter.
     """
     choice = requested_backend()
@@ -49,4 +48,4 @@ def use_triton(x: torch.Tensor, auto_on_cuda: bool = True) -> bool:
                 "TRITON_INTERPRET=1 set before fla is imported; unset FLA_BACKEND to use the torch path"
             )
         return True
-    return auto_on_cuda and x.device.type == "cuda"
+    return x.device.type == "cuda"

@@ -5,9 +5,8 @@ o_t = scale * S_t^T q_t.
 
 On CUDA (and with ``FLA_BACKEND=triton``) it runs the Triton kernels below; on the CPU the chunked torch path
 (``fla.ops.gated_delta_rule.chunk_torch``). On an H200 (Triton 3.6) the kernels pass their GPU tests against the
-float64 torch path, forward and every gradient, for bf16 (K = 64, 100, 128, 256; varlen; 16 heads), fp16 and fp32
-at K = 128 (the fp32 varlen and 16-head cases have not run yet). float32 inputs with K > 128 stay on the torch path
-unless ``FLA_BACKEND=triton`` asks: that test's compilation did not finish within 290 s.
+float64 torch path, forward and every gradient, for bf16 (K = 64, 100, 128, 256; varlen; 16 heads), fp16 (K = 128)
+and fp32 (K = 64, 128, 256; varlen; 16 heads).
 The Triton path cuts every sequence into chunks of 64 tokens and uses the
 WY / UT representation of each chunk:
 
@@ -108,12 +107,6 @@ def _torch_path(q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def triton_proven(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether CUDA inputs take the Triton kernels without ``FLA_BACKEND=triton``: all but float32 with K > 128,
-    whose GPU test never finished compiling (module docstring)."""
-    return not (q.shape[-1] > 128 and torch.float32 in (q.dtype, k.dtype, v.dtype))
-
-
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -146,7 +139,7 @@ def chunk_gated_delta_rule(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
-    if not use_triton(q, auto_on_cuda=triton_proven(q, k, v)):
+    if not use_triton(q):
         return _torch_path(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
     if q.shape[-1] > 256:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-from fla.ops.gated_delta_rule.chunk import triton_proven
 from fla.ops.gated_delta_rule.chunk_torch import chunk_gated_delta_rule_torch
 from fla.ops.utils.cumsum import chunk_local_cumsum, chunk_local_cumsum_torch
 from fla.ops.utils.solve_tril import solve_tril
@@ -205,16 +204,6 @@ def test_chunk_rejects_large_key_dim(triton_backend, device):
 
 
 # --------------------------------------------------------------------------- building blocks (fast to localise a bug)
-
-def test_triton_is_automatic_where_proven_on_the_gpu():
-    def qkv(K, dtype, v_dtype=None):
-        return (torch.empty(1, 1, 1, K, dtype=dtype), torch.empty(1, 1, 1, K, dtype=dtype),
-                torch.empty(1, 1, 1, 8, dtype=v_dtype or dtype))
-
-    assert triton_proven(*qkv(256, torch.bfloat16)) and triton_proven(*qkv(128, torch.float32))
-    assert not triton_proven(*qkv(256, torch.float32))
-    assert not triton_proven(*qkv(256, torch.bfloat16, torch.float32))
-
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunk_local_cumsum(device, reverse):
