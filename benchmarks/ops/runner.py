@@ -55,6 +55,16 @@ def timer_for(device: str) -> Callable[..., float]:
     return bench_ms if device == "cuda" else cpu_ms
 
 
+def _time_or_error(timer: Callable[..., float], fn: Callable[[], object], backend_name: str, **kwargs):
+    """``timer(fn, **kwargs)`` in ms under ``FLA_BACKEND=backend_name``, or the error as a short string (one
+    broken case is reported in its row and the run goes on)."""
+    try:
+        with backend(backend_name):
+            return timer(fn, **kwargs)
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        return f"{type(e).__name__}: {str(e)[:120]}"
+
+
 def _row(op: str, shape: str, mode: str, ours, anchor: str = "-", anchor_ms=None, note: str = "") -> Dict:
     ours_ms = ours if isinstance(ours, (int, float)) else None
     row = {"op": op, "shape": shape, "mode": mode, "ours_ms": ours_ms, "anchor": anchor, "anchor_ms": None,
@@ -216,11 +226,7 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
             times = {}
             for name, fn in (("ours", ours), ("sdpa", sdpa)):
                 call = fn if mode == "fwd" else (lambda fn=fn: fn().backward(do))
-                try:
-                    with backend(ours_backend):
-                        times[name] = timer(call, grad_to_none=leaves)
-                except Exception as e:  # noqa: BLE001 - report, keep going
-                    times[name] = f"{type(e).__name__}: {str(e)[:120]}"
+                times[name] = _time_or_error(timer, call, ours_backend, grad_to_none=leaves)
             rows.append(_row("nsa", shape, mode, times["ours"], "sdpa full causal", times["sdpa"]))
         if fla_core:  # the shared configuration: no window branch
             shape0 = _nsa_shape(B, T, HQ, H, D, bs, sc, 0)
@@ -230,11 +236,7 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
 
             for mode in ("fwd", "fwdbwd"):
                 call = ours0 if mode == "fwd" else (lambda: ours0().backward(do))
-                try:
-                    with backend(ours_backend):
-                        ours_ms = timer(call, grad_to_none=leaves)
-                except Exception as e:  # noqa: BLE001 - report, keep going
-                    ours_ms = f"{type(e).__name__}: {str(e)[:120]}"
+                ours_ms = _time_or_error(timer, call, ours_backend, grad_to_none=leaves)
                 rows.append(_row("nsa", shape0, mode, ours_ms, "fla-core", fla_core.get((shape0, mode), "no result")))
         del q, k, v, gc, gs, gw, leaves, do
         if cuda:
@@ -254,20 +256,11 @@ def nsa_rows(quick: bool, device: str, notes: Optional[List[str]] = None, anchor
         def sdpa():
             return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=HQ != H)
 
-        try:
-            with backend(ours_backend):
-                ours_ms = timer(ours)
-        except Exception as e:  # noqa: BLE001
-            ours_ms = f"{type(e).__name__}: {str(e)[:120]}"
-        rows.append(_row("nsa_decode", shape, "decode", ours_ms, "sdpa (full cache)", timer(sdpa)))
+        rows.append(_row("nsa_decode", shape, "decode", _time_or_error(timer, ours, ours_backend),
+                         "sdpa (full cache)", timer(sdpa)))
         if cuda:  # both replayed as CUDA graphs: the kernels without Python and launch latency
-            try:
-                with backend(ours_backend):
-                    ours_ms = graph_ms(ours)
-            except Exception as e:  # noqa: BLE001
-                ours_ms = f"{type(e).__name__}: {str(e)[:120]}"
-            rows.append(_row("nsa_decode_graph", shape, "decode", ours_ms, "sdpa (full cache), graph",
-                             graph_ms(sdpa)))
+            rows.append(_row("nsa_decode_graph", shape, "decode", _time_or_error(graph_ms, ours, ours_backend),
+                             "sdpa (full cache), graph", graph_ms(sdpa)))
         del q, k, v, k_cmp, v_cmp
         if cuda:
             torch.cuda.empty_cache()
@@ -339,11 +332,8 @@ def _lte_cache_prefill_rows(shapes, buffer_size: int, device: str, timer, window
         valid = torch.ones(B, T, dtype=torch.bool, device=device)
         sink = torch.zeros_like(valid)
         sink[:, :4] = True
-        with backend("triton" if device == "cuda" else "torch"):
-            try:
-                ms = timer(lambda: lte_cache_prefill(k, v, score, sink, valid, window, buffer_size))
-            except Exception as e:  # noqa: BLE001
-                ms = f"{type(e).__name__}: {str(e)[:120]}"
+        ms = _time_or_error(timer, lambda: lte_cache_prefill(k, v, score, sink, valid, window, buffer_size),
+                            "triton" if device == "cuda" else "torch")
         rows.append(_row("lte_cache_prefill", f"B{B}-T{T}-H{H}-D{D}-w{window}-b{buffer_size}", "fwd", ms,
                          note="cache build after the prompt's attention"))
     return rows

@@ -3,9 +3,10 @@
 Paths (see ``fla.utils.backend`` for ``FLA_BACKEND``):
 - Triton (default on CUDA; ``FLA_BACKEND=triton`` also under the interpreter): ``fused_recurrent_kernels``,
   forward only, one program per (sequence, head, value block) carrying the state tile in registers.
-- torch (CPU tensors; ``FLA_BACKEND=torch`` on CUDA): a token loop batched over sequences and heads (updating the state in place when no
-  gradient is needed) for sequences of at most ``TOKEN_LOOP_MAX_LEN`` tokens (``TOKEN_LOOP_MAX_LEN_GRAD`` under
-  autograd), else the chunked ``chunk_gated_delta_rule_torch``. Float32 arithmetic.
+- torch (CPU tensors; ``FLA_BACKEND=torch`` on CUDA): a token loop batched over sequences and heads (updating the
+  state in place when no gradient is needed) for sequences of at most ``TOKEN_LOOP_MAX_LEN`` tokens
+  (``TOKEN_LOOP_MAX_LEN_GRAD`` under autograd), else the chunked ``chunk_gated_delta_rule_torch``. Float32
+  arithmetic.
 - When a gradient is needed (grad mode on and any input requires grad) the torch path runs on any device, so
   training through this op still works, through autograd.
 """

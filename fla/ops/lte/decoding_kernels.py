@@ -4,7 +4,8 @@ per-slot ``valid`` mask and neither left padding nor window.
 
 That kernel's split count, tiles and single-launch path apply unchanged: at the paper's shape (B8, HQ16, H16, D64,
 S = 768 + 1 + 512) the S slots are cut into three splits (384 programs, about 3 per SM on an H200) merged by the
-combine kernel: 24 us a step on an H200 against 36 us for one split. Slots with ``valid`` False are masked loads and -inf logits; a (row, head) with no valid slot gets zeros.
+combine kernel: 24 us a step on an H200 against 36 us for one split. Slots with ``valid`` False are masked loads
+and -inf logits; a (row, head) with no valid slot gets zeros.
 
 q [B, 1, HQ, D]; k_cache [B, S, H, D], v_cache [B, S, H, V] (any strides along B and S, heads and features
 contiguous: the layout of ``fla.ops.lte.cache.lte_empty_cache`` and of its slices along B or S, which are read in

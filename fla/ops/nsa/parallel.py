@@ -2,11 +2,11 @@
 
 Semantics: ``fla.ops.nsa.naive`` (the float32 truth). Two implementations:
 
-- torch path (CPU; ``FLA_BACKEND=torch`` on CUDA): vectorised float32 computation per (dense batch | packed sequence): compressed attention
-  over mean-pooled complete blocks, top-k block selection (non-differentiable), selected attention through a
-  dense block mask by query chunks (bounded peak memory without autograd; O(HQ T_q T_k) saved with autograd),
-  sliding-window attention (``fla.ops.attn.parallel_attn`` when T_q = T_k, else a masked softmax); gradients by
-  autograd.
+- torch path (CPU; ``FLA_BACKEND=torch`` on CUDA): vectorised float32 computation per (dense batch | packed
+  sequence): compressed attention over mean-pooled complete blocks, top-k block selection (non-differentiable),
+  selected attention through a dense block mask by query chunks (bounded peak memory without autograd; O(HQ T_q T_k)
+  saved with autograd), sliding-window attention (``fla.ops.attn.parallel_attn`` when T_q = T_k, else a masked
+  softmax); gradients by autograd.
 - Triton path (default on CUDA): compressed attention forward + backward and the block ranking
   (``fla.ops.nsa.compression_kernels``; mean pooling and ``torch.topk`` stay in torch), selected-block attention
   forward + backward (``fla.ops.nsa.parallel_kernels``), the window branch through ``parallel_attn``'s kernels
