@@ -203,6 +203,54 @@ def test_chunk_rejects_large_key_dim(triton_backend, device):
         chunk_gated_delta_rule(q, q, v, g, beta)
 
 
+@pytest.mark.parametrize("T,segments,use_h0", [(200, 3, True), (150, 3, False), (256, 4, True)],
+                         ids=["T200-S2-h0", "T150-S3", "T256-S4-h0"])
+def test_state_recurrence_in_segments_equals_one_walk(device, T, segments, use_h0):
+    """``chunk_fwd_h`` and ``chunk_bwd_dhu`` cut into segments (start states from the segments' transition
+    products) give the chunk states, pseudo-values and final state (gradients) of the one in-order walk."""
+    from fla.ops.gated_delta_rule import chunk_h, wy_fwd
+    from fla.ops.gated_delta_rule.chunk_common import make_chunking
+
+    q, k, v, g, beta, h0 = make_inputs(2, T, 2, 32, 16, torch.float32, device, use_h0=use_h0)
+    # weak decay and small beta: a segment's transition product stays far from 0, so a wrong start state shows
+    g, beta = -0.01 * torch.rand_like(g), 0.2 * beta
+    c = make_chunking(2, T, None)
+    g = chunk_local_cumsum(g, c.chunk_size)
+    w, u = wy_fwd.recompute_w_u(k, v, g, beta, wy_fwd.chunk_scaled_dot_kkt_solve(k, g, beta, c), c)
+    one = chunk_h.chunk_fwd_h(k, w, u, g, h0, True, c, segments=1)
+    cut = chunk_h.chunk_fwd_h(k, w, u, g, h0, True, c, segments=segments)
+    for name, a, b in zip(("h", "v_new", "final_state"), cut, one):
+        assert_close(name, a, b, 1e-5)
+    # the reverse walk of the backward, cut the same way
+    do, dv_local, dht = torch.randn_like(v), torch.randn_like(v), torch.randn_like(one[2])
+    one = chunk_h.chunk_bwd_dhu(q, k, w, g, do, dv_local, dht, True, 0.3, c, segments=1)
+    cut = chunk_h.chunk_bwd_dhu(q, k, w, g, do, dv_local, dht, True, 0.3, c, segments=segments)
+    for name, a, b in zip(("dh", "dv_new", "dh0"), cut, one):
+        assert_close(name, a, b, 1e-5)
+
+
+def test_chunk_with_segmented_states_matches_reference(triton_backend, device, monkeypatch):
+    """The whole op (forward and every gradient) when the state recurrence runs in segments, as it does on a GPU for
+    long sequences with few heads (``num_segments``): forced here at a size the interpreter runs."""
+    from fla.ops.gated_delta_rule import chunk_h
+
+    monkeypatch.setattr(chunk_h, "num_segments", lambda *args: 3)
+    q, k, v, g, beta, h0 = make_inputs(1, 230, 2, 32, 16, torch.float32, device)
+    g, beta = -0.01 * torch.rand_like(g), 0.2 * beta
+    assert chunk_h._segments(None, 2, 230, chunk_h.Chunking(1, 230, 1, 4, 64, None, None, None)) == 3
+    run_and_compare(q, k, v, g, beta, h0, 32 ** -0.5, None, False, 1e-5, 2e-5)
+
+
+def test_num_segments():
+    from fla.ops.gated_delta_rule.chunk_h import num_segments
+
+    assert num_segments(8, 512, False) == 8         # B1 H8 T32768: 8 chains of 64 chunks instead of 8 of 512
+    assert num_segments(64, 64, False) == 1         # B8 H8 T4096: enough chains already
+    assert num_segments(32, 64, False) == 1         # B4 H8 T4096: 2 segments would not shorten the walk
+    assert num_segments(8, 512, True) == 1          # packed sequences are walked whole
+    assert num_segments(1, 40, False) == 1          # too few chunks per segment
+
+
 # --------------------------------------------------------------------------- building blocks (fast to localise a bug)
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -240,6 +288,9 @@ GPU_CASES = [  # (B, T, H, K, V, dtype, l2norm)
     (2, 500, 4, 100, 60, torch.bfloat16, True),
     # 64 (sequence, head) states: the state kernels take their wide-slab (BV = 64) configuration
     (4, 512, 16, 128, 128, torch.bfloat16, True),
+    # 2 states, 128 chunks: the forward state recurrence runs in 8 segments (num_segments)
+    (1, 8192, 2, 128, 128, torch.bfloat16, True),
+    (1, 8000, 2, 64, 64, torch.float32, False),
     (4, 300, 16, 64, 128, torch.float32, False),
 ]
 
