@@ -9,7 +9,9 @@ about 12.5% of keys selected at random, shapes B-T-HQ-H-D 8-4096-16-16-64 and 8-
     - flex: FlexAttention (compiled) with the same mask, the block mask built inside every step as training needs.
 Decode step, bf16, B8 HQ16 H16 D64: ``lte_cache_step`` + ``lte_decoding_one_step`` over a 769-slot ring and a
 512-slot buffer (the cost does not depend on the context) beside full-attention ``attn_decoding_one_step`` over
-4K / 16K / 64K cached keys; each timed eagerly (Python and launches included) and as one CUDA-graph replay.
+4K / 16K / 64K cached keys; each timed eagerly (Python and launches included), as one CUDA-graph replay of one
+layer's step, and per layer in one graph of ``LTE_LAYERS`` layers' steps (each with its own cache), which is how a
+graphed model runs them: one graph launch per token, not per layer.
 
 Prints tables with ratios and writes OUT/lte.{txt,json} (default OUT: benchmarks/results). Asserts no speed.
 
@@ -30,6 +32,7 @@ SHAPES = [(8, 4096, 16, 16, 64), (8, 4096, 32, 8, 64)]
 QUICK_SHAPES = [(2, 1024, 16, 16, 64)]
 WINDOW = 768
 FRACTION = 0.125
+LTE_LAYERS = 12  # LTE layers of the paper's 0.4B laLTE (configs/gated_delta_net_lte_0.4B.json)
 
 
 def _flex_step(q, k, v, selected, window):
@@ -112,24 +115,38 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
     B, HQ, H, D, buffer_size = decode_shape
     dev = device
     dt = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
-    kc, vc, sc, sk, va = lte_empty_cache(B, WINDOW, buffer_size, H, D, D, dtype=dt, device=dev)
-    kc.normal_(); vc.normal_(); sc.uniform_(-0.5, 0.5); va.fill_(True)
+    def filled_cache():
+        kc, vc, sc, sk, va = lte_empty_cache(B, WINDOW, buffer_size, H, D, D, dtype=dt, device=dev)
+        kc.normal_(); vc.normal_(); sc.uniform_(-0.5, 0.5); va.fill_(True)
+        return kc, vc, sc, sk, va
+
+    kc, vc, sc, sk, va = filled_cache()
     q = torch.randn(B, 1, HQ, D, device=dev, dtype=dt)
     new_k, new_v = torch.randn(B, H, D, device=dev, dtype=dt), torch.randn(B, H, D, device=dev, dtype=dt)
     slot = torch.zeros(B, dtype=torch.long, device=dev)
     ones = torch.ones(B, dtype=torch.bool, device=dev)
     no_sink = ~ones  # a constant, built once: the model's step does not pay this launch
 
-    def lte_step():
-        slot.add_(1).remainder_(WINDOW + 1)
-        lte_cache_step(kc, vc, sc, sk, va, slot, new_k, new_v, ones, no_sink, WINDOW)
-        return lte_decoding_one_step(q, kc, vc, va)
+    def make_step(kc, vc, sc, sk, va, slot):
+        def lte_step():
+            slot.add_(1).remainder_(WINDOW + 1)
+            lte_cache_step(kc, vc, sc, sk, va, slot, new_k, new_v, ones, no_sink, WINDOW)
+            return lte_decoding_one_step(q, kc, vc, va)
+        return lte_step
+
+    lte_step = make_step(kc, vc, sc, sk, va, slot)
 
     graphs = torch.device(dev).type == "cuda"
     rows = []
     with backend(_ours_backend(dev)):
         lte_ms = timer(lte_step, rep_ms=rep_ms)
         lte_graph_ms = _graph_or_nan(lte_step, rep_ms) if graphs else float("nan")
+        # per layer when a model's LTE_LAYERS layers step in one graph (one launch per token, as GraphDecoder does):
+        # each layer has its own cache, so together they do not fit in L2 as one 42 MB cache would
+        if graphs:
+            steps = [make_step(*filled_cache(), torch.zeros(B, dtype=torch.long, device=dev)) for _ in range(LTE_LAYERS)]
+            lte_layer_ms = _graph_or_nan(lambda: [s() for s in steps], rep_ms) / LTE_LAYERS
+            del steps
         for S in contexts:
             k = torch.randn(B, S, H, D, device=dev, dtype=dt)
             v = torch.randn(B, S, H, D, device=dev, dtype=dt)
@@ -142,9 +159,13 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
                    "lte/full": round(lte_ms / full_ms, 2)}
             if graphs:
                 full_graph_ms = _graph_or_nan(full_step, rep_ms)
+                full_layer_ms = _graph_or_nan(lambda: [full_step() for _ in range(LTE_LAYERS)], rep_ms) / LTE_LAYERS
                 row.update({"lte_graph_us": round(lte_graph_ms * 1e3, 1),
                             "full_graph_us": round(full_graph_ms * 1e3, 1),
-                            "lte/full (graph)": round(lte_graph_ms / full_graph_ms, 2)})
+                            "lte/full (graph)": round(lte_graph_ms / full_graph_ms, 2),
+                            f"lte_graph_{LTE_LAYERS}L_us": round(lte_layer_ms * 1e3, 1),
+                            f"full_graph_{LTE_LAYERS}L_us": round(full_layer_ms * 1e3, 1),
+                            f"lte/full ({LTE_LAYERS}L graph)": round(lte_layer_ms / full_layer_ms, 2)})
             rows.append(row)
             print(rows[-1], flush=True)
             del k, v

@@ -297,6 +297,11 @@ def lte_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[Li
             rows.append(_row("lte_decode", shape, "decode-graph", r["lte_graph_us"] / 1e3,
                              f"full attn decode S={r['context']}", r["full_graph_us"] / 1e3,
                              note="one CUDA-graph replay each (cache update + attention)"))
+        layered = f"lte_graph_{bl.LTE_LAYERS}L_us"
+        if layered in r:
+            rows.append(_row("lte_decode", shape, f"decode-graph-{bl.LTE_LAYERS}L", r[layered] / 1e3,
+                             f"full attn decode S={r['context']}", r[f"full_graph_{bl.LTE_LAYERS}L_us"] / 1e3,
+                             note=f"per layer: {bl.LTE_LAYERS} layers' steps in one CUDA graph, each own cache"))
     return rows
 
 
