@@ -1,13 +1,16 @@
 """Where the chunked gated delta rule spends its time, and a launch-configuration sweep of its kernels (CUDA).
 
     python -m benchmarks.ops.tune_gdn [--out DIR] [--anchor-path DIR] [--shapes 8,4096,8,128 ...]
-                                      [--stages fwd_h,fwd_o,...] [--rep-ms 30] [--no-sweep]
+                                      [--stages fwd_h,fwd_o,...] [--rep-ms 30] [--no-sweep] [--no-profile]
+                                      [--segments]
 
 1. Kernel tables (``gdn_kernel_profile``): our forward and forward+backward per kernel, and fla-core's forward
    beside it when ``--anchor-path`` holds it (timed in a child process, as in ``benchmarks.ops``).
 2. Sweep: each stage of our Triton pipeline (``STAGES``) run alone on the inputs a real forward / backward gave it,
    with every candidate launch configuration; each candidate's outputs are compared with the default's (relative
-   error ||x - ref|| / ||ref||; above 1e-2 the row is marked BAD) and timed (median of ``do_bench``).
+   error ||x - ref|| / ||ref||; above 1e-2 the row has ok False) and timed (median of ``do_bench``).
+3. ``--segments``: for shapes whose state recurrences are cut into segments (``chunk_h.num_segments``), both
+   recurrences walked whole against in segments.
 
 Choosing new defaults from it is a human decision (written into ``chunk_h._state_launch`` / ``chunk_common``);
 nothing here changes them. Writes OUT/tune_gdn.{txt,json} (default OUT: benchmarks/results/ops).
@@ -26,10 +29,13 @@ import triton
 from benchmarks.common import bench_ms, device_name, print_table, run_with_anchor, write_json
 
 SHAPES = [(8, 4096, 8, 128), (4, 4096, 8, 256), (1, 32768, 8, 128)]
-# (BV, num_warps, num_stages) of the state recurrences; (block, num_warps, num_stages) of the per-chunk kernels
-STATE_CANDIDATES = [(bv, w, s) for bv in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
-CHUNK_CANDIDATES = [(b, w, s) for b in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
-WY_CANDIDATES = [(b, w, s) for b in (32, 64) for w in (1, 2, 4) for s in (1, 2, 3)]  # the WY kernels: few warps
+# (BV, num_warps, num_stages) of the state recurrences; (block, num_warps, num_stages) of the per-chunk kernels.
+# A short list around the defaults, chosen from ptxas' spill report (benchmarks/ops/kernel_resources.py): every
+# candidate costs a compile.
+STATE_CANDIDATES = [(32, 4, 2), (64, 4, 2), (16, 4, 2), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 8, 2), (64, 8, 2)]
+CHUNK_CANDIDATES = [(64, 4, 2), (32, 4, 2), (64, 8, 1), (64, 8, 2), (128, 8, 2), (32, 8, 2)]
+WY_CANDIDATES = [(64, 4, 2), (32, 4, 2), (32, 2, 2), (64, 2, 2), (32, 8, 2), (64, 8, 2), (32, 4, 1)]
+WY_BWD_CANDIDATES = [(64, 2, 2), (32, 2, 2), (32, 8, 2), (32, 8, 1), (64, 8, 2)]  # never 4 warps (FLA #984)
 STAGES = ["kkt_solve", "w_u", "fwd_h", "fwd_o", "dv_local", "bwd_dhu", "dqkwg", "wy_bwd"]
 
 
@@ -95,26 +101,20 @@ def _as_list(out) -> List[torch.Tensor]:
 
 
 def candidates_for(stage: str, D: int):
-    """(label, attribute patches) per candidate of ``stage`` at head size D; the first is the default."""
+    """(label, module attribute patches) per candidate of ``stage`` at head size D; the first is the default."""
     BK = max(16, triton.next_power_of_2(D))
-    if stage in ("fwd_h", "bwd_dhu"):
-        out = [("default", {})]
-        for bv, w, s in STATE_CANDIDATES:
-            if bv > D:
-                continue
-            launch = (BK, bv, {"num_warps": w, "num_stages": s})
-            out.append((f"BV{bv} w{w} s{s}", {"_state_launch": (lambda *a, launch=launch: launch)}))
-        return out
     out = [("default", {})]
-    for b, w, s in (WY_CANDIDATES if stage in ("kkt_solve", "w_u") else CHUNK_CANDIDATES):
-        if b > D or (stage == "wy_bwd" and w != 2):  # wy_bwd: 4 warps miscompile on Hopper (chunk_common)
-            continue
-        patch = {"num_warps": (lambda dtype, w=w: w), "num_stages": (lambda dtype, s=s: s)}
-        if stage == "wy_bwd":
-            patch = {"wy_bwd_num_warps": (lambda dtype: 2), "num_stages": (lambda dtype, s=s: s)}
-        if stage in ("fwd_o", "dv_local", "dqkwg", "w_u", "kkt_solve", "wy_bwd"):
-            patch["block_k"] = (lambda K, b=b: max(16, min(b, triton.next_power_of_2(K))))
-        out.append((f"B{b} w{w} s{s}", patch))
+    if stage in ("fwd_h", "bwd_dhu"):
+        for bv, w, s in STATE_CANDIDATES:
+            if bv <= D:
+                launch = (BK, bv, {"num_warps": w, "num_stages": s})
+                out.append((f"BV{bv} w{w} s{s}", {"_state_launch": (lambda *a, launch=launch, **kw: launch)}))
+        return out
+    table = {"kkt_solve": WY_CANDIDATES, "w_u": WY_CANDIDATES, "wy_bwd": WY_BWD_CANDIDATES}.get(stage, CHUNK_CANDIDATES)
+    for b, w, s in table:
+        if b <= max(D, 32):
+            launch = {"block": b, "num_warps": w, "num_stages": s}
+            out.append((f"B{b} w{w} s{s}", {"chunk_launch": (lambda kernel, dtype, *a, launch=launch: dict(launch))}))
     return out
 
 
@@ -152,6 +152,33 @@ def sweep(shapes, stages, rep_ms: int) -> List[Dict]:
     return rows
 
 
+def segment_rows(shapes, rep_ms: int) -> List[Dict]:
+    """The state recurrences walked whole (segments=1) against cut into ``num_segments`` segments, where that
+    count is above 1: forward ``chunk_fwd_h`` and backward ``chunk_bwd_dhu``, ms and the relative difference."""
+    from fla.ops.gated_delta_rule import chunk_h
+
+    rows = []
+    for B, T, H, D in shapes:
+        S = chunk_h.num_segments(B * H, triton.cdiv(T, 64), False)
+        if S == 1:
+            continue
+        x = stage_inputs(B, T, H, D)
+        q, k, w, u, g, c = (x[n] for n in ("q", "k", "w", "u", "g", "c"))
+        do, dv_local, scale = x["do"], x["dv_local"], x["scale"]
+        for name, call in (("fwd_h", lambda n: chunk_h.chunk_fwd_h(k, w, u, g, None, True, c, segments=n)),
+                           ("bwd_dhu", lambda n: chunk_h.chunk_bwd_dhu(q, k, w, g, do, dv_local, None, True, scale,
+                                                                       c, segments=n))):
+            whole, cut = call(1), call(None)
+            err = max(_rel(a, b) for a, b in zip(cut, whole))
+            ms = {n: bench_ms(lambda n=n: call(n), rep_ms=rep_ms) for n in (1, None)}
+            rows.append({"shape": f"B{B}-T{T}-H{H}-D{D}", "stage": name, "segments": S, "whole_ms": ms[1],
+                         "segmented_ms": ms[None], "speedup": ms[1] / ms[None], "err": err})
+            print(rows[-1], flush=True)
+        del x
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _table(title: str, rows: List[Dict], top: int = 14) -> str:
     lines = [title]
     for r in rows[:top]:
@@ -168,7 +195,9 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--rep-ms", type=int, default=30)
     parser.add_argument("--no-sweep", action="store_true", help="only the kernel tables")
-    parser.add_argument("--no-profile", action="store_true", help="only the sweep")
+    parser.add_argument("--no-profile", action="store_true", help="no kernel tables")
+    parser.add_argument("--segments", action="store_true",
+                        help="also time the state recurrences whole against cut into segments (shapes that cut)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_gdn needs a CUDA GPU")
@@ -197,6 +226,9 @@ def main() -> None:
         if isinstance(res["fwdbwd"], list):
             text.append(_table(f"## ours {res['shape']} fwd+bwd", res["fwdbwd"], top=20))
     print("\n".join(text), flush=True)
+    seg_rows = segment_rows(shapes, args.rep_ms) if args.segments else []
+    if seg_rows:
+        text.append(print_table(seg_rows, list(seg_rows[0]), title="\n## state recurrences whole vs in segments"))
     rows = [] if args.no_sweep else sweep(shapes, stages, args.rep_ms)
     if rows:
         text.append(print_table(rows, ["shape", "stage", "config", "ms", "vs_default", "err", "ok", "error"],
@@ -205,7 +237,7 @@ def main() -> None:
     with open(os.path.join(args.out, "tune_gdn.txt"), "w") as f:
         f.write("\n".join(text) + "\n")
     write_json(os.path.join(args.out, "tune_gdn.json"), {"device": device_name(), "ours": ours, "anchor": anchor,
-                                                          "sweep": rows})
+                                                          "segments": seg_rows, "sweep": rows})
 
 
 if __name__ == "__main__":

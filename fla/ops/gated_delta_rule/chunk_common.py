@@ -65,23 +65,37 @@ def num_stages(dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.float16, torch.bfloat16) else 1
 
 
-def num_warps(dtype: torch.dtype) -> int:
-    """Warps per program of the per-chunk kernels (one place, so that a GPU diagnosis can vary it; see
-    benchmarks/ops/diagnose_gdn_gpu.py)."""
-    return 4
+# (tile width along the head dims, num_warps) of each per-chunk kernel, from the launch sweep of
+# ``python -m benchmarks.ops.tune_gdn`` on an H100 (bf16, B8-T4096-H8-D128 and B4-T4096-H8-D256; each stage alone):
+# kkt_solve with 2 warps 0.148 ms against 0.233 with 4 (D128); wy_bwd with 8 warps 0.555 ms against 1.08 with 2
+# (it spilled 3 KB per thread with 2); the others within a few percent of the best candidate. CHUNK_LAUNCH_WIDE
+# overrides for head dims above 128 (dqkwg: 0.604 ms against 0.686).
+# wy_bwd never takes 4 warps: with 4 warps at chunk size 64, Triton 3.4 - 3.7 on Hopper miscompile this kind of
+# kernel (on an H200 with Triton 3.6 our bf16 / fp16 runs read out of bounds or gave dk with relative error 0.2;
+# FLA hit the same in its delta rule WY backward, FLA #984, and bisected it to num_warps = 4). With 2 and 8 warps
+# its outputs agree to 1e-7 and pass the GPU tests.
+CHUNK_LAUNCH = {
+    "kkt_solve": (64, 2),
+    "w_u": (64, 4),
+    "fwd_o": (64, 4),
+    "dv_local": (64, 4),
+    "dqkwg": (64, 4),
+    "wy_bwd": (64, 8),
+}
+CHUNK_LAUNCH_WIDE = {"dqkwg": (128, 8)}
 
 
-def wy_bwd_num_warps(dtype: torch.dtype) -> int:
-    """Warps of the WY-representation backward kernel (``wy_bwd.py``): always 2. With 4 warps at chunk size 64,
-    Triton 3.4 - 3.7 on Hopper miscompile this kind of kernel: on an H200 with Triton 3.6 our bf16 / fp16 runs
-    read out of bounds (illegal memory access) or gave dk with relative error 0.2; FLA hit the same in its delta
-    rule WY backward (FLA #984) and bisected it to num_warps = 4 (2 is right for every num_stages)."""
-    return 2
+def chunk_launch(kernel: str, dtype: torch.dtype, head_dim: int = 64) -> dict:
+    """Launch options of a per-chunk kernel (``CHUNK_LAUNCH``): {"block", "num_warps", "num_stages"}; ``block`` is
+    the widest tile along K / V (narrower heads take their next power of two, at least 16)."""
+    block, warps = CHUNK_LAUNCH_WIDE.get(kernel, CHUNK_LAUNCH[kernel]) if head_dim > 128 else CHUNK_LAUNCH[kernel]
+    return {"block": block, "num_warps": warps, "num_stages": num_stages(dtype)}
 
 
-def block_k(K: int) -> int:
-    """Tile width along a head dimension for the per-chunk kernels (tl.dot needs at least 16)."""
-    return max(16, min(64, triton.next_power_of_2(K)))
+def block_k(K: int, block: int = 64) -> int:
+    """Tile width along a head dimension of size K for a kernel whose widest tile is ``block`` (tl.dot needs at
+    least 16)."""
+    return max(16, min(block, triton.next_power_of_2(K)))
 
 
 @triton.jit

@@ -31,21 +31,21 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, dot_precision, num_stages, num_warps, sequence_span
+from fla.ops.gated_delta_rule.chunk_common import Chunking, dot_precision, num_stages, sequence_span
 
 MAX_HEAD_DIM_K = 256
 
 
 def _state_launch(D_K: int, D_V: int, num_states: int, dtype: torch.dtype) -> Tuple[int, int, dict]:
-    """(BK, BV, launch options). The whole K in one tile; the V slab narrower for large K (registers) and when there
-    are few (sequence, head) states (more programs then walk their chunks in parallel: each step's latency is the
-    cost). One pipeline stage at K = 256: three [64, 256] operand tiles per step already take about 100 KB of shared
-    memory in bf16."""
+    """(BK, BV, launch options). The whole K in one tile; the V slab 32 wide when there are few (sequence, head)
+    states (more programs then walk their chunks in parallel: each step's latency is the cost), else 64 wide with 8
+    warps. From the launch sweep of ``benchmarks.ops.tune_gdn`` on an H100 (bf16): forward 0.202 ms (D128) and 0.263
+    ms (D256) against 0.228 / 0.383 before (4 warps; one stage at D256); the backward 0.265 / 0.350 against 0.247 /
+    0.578. Two pipeline stages in half precision (one in float32, ``num_stages``)."""
     BK = max(16, triton.next_power_of_2(D_K))
-    BV = 32 if BK > 128 or num_states * triton.cdiv(D_V, 64) < 128 else 64
+    BV = 32 if num_states * triton.cdiv(D_V, 64) < 128 else 64
     BV = max(16, min(triton.next_power_of_2(D_V), BV))
-    stages = 1 if BK > 128 else num_stages(dtype)
-    return BK, BV, {"num_warps": num_warps(dtype), "num_stages": stages}
+    return BK, BV, {"num_warps": 8 if BV >= 64 else 4, "num_stages": num_stages(dtype)}
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_span, dot_precision, num_stages, num_warps
+from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_launch, chunk_span, dot_precision
 
 
 @triton.jit
@@ -167,11 +167,13 @@ def chunk_fwd_o(q, k, v_new, h, g, scale: float, chunking: Chunking, output_dtyp
     o = torch.empty(B, T, H, D_V, device=q.device, dtype=output_dtype)
     if chunking.num_chunks == 0:
         return o
-    BV = block_k(D_V)
+    launch = chunk_launch("fwd_o", k.dtype)
+    block = launch.pop("block")
+    BV = block_k(D_V, block)
     _fwd_o_kernel[(chunking.num_chunks, triton.cdiv(D_V, BV), H)](
         q, k, v_new, h, g, o, chunking.chunk_indices, chunking.cu_seqlens, float(scale), T, H=H, D_K=D_K, D_V=D_V,
-        BT=chunking.chunk_size, BK=block_k(D_K), BV=BV, IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype),
-        num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
+        BT=chunking.chunk_size, BK=block_k(D_K, block), BV=BV, IS_VARLEN=chunking.is_varlen,
+        PREC=dot_precision(k.dtype), **launch,
     )
     return o
 
@@ -183,10 +185,12 @@ def chunk_bwd_dv_local(q, k, g, do, scale: float, chunking: Chunking) -> torch.T
     dv = torch.empty_like(do, dtype=k.dtype)
     if chunking.num_chunks == 0:
         return dv
+    launch = chunk_launch("dv_local", k.dtype)
+    block = launch.pop("block")
     _bwd_dv_local_kernel[(chunking.num_chunks, H)](
         q, k, g, do, dv, chunking.chunk_indices, chunking.cu_seqlens, float(scale), T, H=H, D_K=D_K, D_V=D_V,
-        BT=chunking.chunk_size, BK=block_k(D_K), BV=block_k(D_V), IS_VARLEN=chunking.is_varlen,
-        PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
+        BT=chunking.chunk_size, BK=block_k(D_K, block), BV=block_k(D_V, block), IS_VARLEN=chunking.is_varlen,
+        PREC=dot_precision(k.dtype), **launch,
     )
     return dv
 
@@ -199,7 +203,9 @@ def chunk_bwd_dqkwg(q, k, v_new, h, g, do, dh, dv_new, scale: float, chunking: C
     """
     B, T, H, D_K = k.shape
     D_V = do.shape[-1]
-    BK = block_k(D_K)
+    launch = chunk_launch("dqkwg", k.dtype, max(D_K, D_V))
+    block = launch.pop("block")
+    BK = block_k(D_K, block)
     NK = triton.cdiv(D_K, BK)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k, dtype=torch.float32)
@@ -209,7 +215,7 @@ def chunk_bwd_dqkwg(q, k, v_new, h, g, do, dh, dv_new, scale: float, chunking: C
         return dq, dk, dw, dg.sum(0)
     _bwd_dqkwg_kernel[(chunking.num_chunks, NK, H)](
         q, k, v_new, h, g, do, dh, dv_new, dq, dk, dw, dg, chunking.chunk_indices, chunking.cu_seqlens, float(scale),
-        T, B * T * H, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=BK, BV=block_k(D_V),
-        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=num_warps(k.dtype), num_stages=num_stages(k.dtype),
+        T, B * T * H, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=BK, BV=block_k(D_V, block),
+        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), **launch,
     )
     return dq, dk, dw, dg.sum(0)

@@ -25,14 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import (
-    Chunking,
-    block_k,
-    chunk_span,
-    dot_precision,
-    num_stages,
-    wy_bwd_num_warps,
-)
+from fla.ops.gated_delta_rule.chunk_common import Chunking, block_k, chunk_launch, chunk_span, dot_precision
 
 
 @triton.jit
@@ -142,10 +135,11 @@ def wy_bwd(k, v, g, beta, ai, w, u, dw, du, dk_in, dg_in, chunking: Chunking):
     dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     if chunking.num_chunks == 0:
         return dk, dv, dbeta, dg
+    launch = chunk_launch("wy_bwd", k.dtype)
+    block = launch.pop("block")
     _wy_bwd_kernel[(chunking.num_chunks, H)](
         k, v, g, beta, ai, w, u, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, chunking.chunk_indices, chunking.cu_seqlens,
-        T, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=block_k(D_K), BV=block_k(D_V),
-        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), num_warps=wy_bwd_num_warps(k.dtype),
-        num_stages=num_stages(k.dtype),
+        T, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=block_k(D_K, block), BV=block_k(D_V, block),
+        IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), **launch,
     )
     return dk, dv, dbeta, dg
