@@ -83,12 +83,26 @@ CHUNK_LAUNCH = {
     "wy_bwd": (64, 8),
 }
 CHUNK_LAUNCH_WIDE = {"dqkwg": (128, 8)}
+# float16 and float32 keep the settings their GPU tests passed with before that sweep (which timed bf16 only):
+# 64-wide tiles, 4 warps, wy_bwd 2 warps.
+CHUNK_LAUNCH_PROVEN = dict.fromkeys(CHUNK_LAUNCH, (64, 4)) | {"wy_bwd": (64, 2)}
+
+
+def tuned(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` takes the launch settings tuned on the GPU (bf16) or the earlier proven ones."""
+    return dtype == torch.bfloat16
 
 
 def chunk_launch(kernel: str, dtype: torch.dtype, head_dim: int = 64) -> dict:
-    """Launch options of a per-chunk kernel (``CHUNK_LAUNCH``): {"block", "num_warps", "num_stages"}; ``block`` is
-    the widest tile along K / V (narrower heads take their next power of two, at least 16)."""
-    block, warps = CHUNK_LAUNCH_WIDE.get(kernel, CHUNK_LAUNCH[kernel]) if head_dim > 128 else CHUNK_LAUNCH[kernel]
+    """Launch options of a per-chunk kernel: {"block", "num_warps", "num_stages"}; ``block`` is the widest tile
+    along K / V (narrower heads take their next power of two, at least 16). bf16: ``CHUNK_LAUNCH`` (and
+    ``CHUNK_LAUNCH_WIDE`` for head dims above 128); other dtypes: ``CHUNK_LAUNCH_PROVEN``."""
+    if not tuned(dtype):
+        block, warps = CHUNK_LAUNCH_PROVEN[kernel]
+    elif head_dim > 128:
+        block, warps = CHUNK_LAUNCH_WIDE.get(kernel, CHUNK_LAUNCH[kernel])
+    else:
+        block, warps = CHUNK_LAUNCH[kernel]
     return {"block": block, "num_warps": warps, "num_stages": num_stages(dtype)}
 
 

@@ -17,6 +17,11 @@ held whole because v_new contracts over all of it. The slab is carried transpose
 other dot result, is only ever the LEFT operand of a product; the other operands are read from memory in the
 orientation they are needed (no tl.trans of a dot result feeds another dot: Hopper miscompile, FLA #640).
 
+Long sequences with few (sequence, head) states are cut into segments that are walked in parallel: a first walk
+from a zero start also carries K transition columns (identity at the start), so each segment ends holding its own
+state and the product of its chunks' transitions; the segments' true start states then chain in a few small
+matmuls (``_chain_segments``) and a second walk writes the per-chunk outputs from them (``num_segments`` says when).
+
 Stored per chunk: ``h[c]`` = state at the start of chunk c; ``dh[c]`` = gradient of the state at the END of chunk c
 (what the chunk's own gradients need), both [num_chunks, H, K, V] in the compute dtype.
 """
@@ -31,21 +36,29 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fla.ops.gated_delta_rule.chunk_common import Chunking, dot_precision, num_stages, sequence_span
+from fla.ops.gated_delta_rule.chunk_common import Chunking, dot_precision, num_stages, sequence_span, tuned
 
 MAX_HEAD_DIM_K = 256
 
 
 def _state_launch(D_K: int, D_V: int, num_states: int, dtype: torch.dtype) -> Tuple[int, int, dict]:
     """(BK, BV, launch options). The whole K in one tile; the V slab 32 wide when there are few (sequence, head)
-    states (more programs then walk their chunks in parallel: each step's latency is the cost), else 64 wide with 8
-    warps. From the launch sweep of ``benchmarks.ops.tune_gdn`` on an H100 (bf16): forward 0.202 ms (D128) and 0.263
-    ms (D256) against 0.228 / 0.383 before (4 warps; one stage at D256); the backward 0.265 / 0.350 against 0.247 /
-    0.578. Two pipeline stages in half precision (one in float32, ``num_stages``)."""
+    states (more programs then walk their chunks in parallel: each step's latency is the cost).
+
+    bf16, from the launch sweep of ``benchmarks.ops.tune_gdn`` on an H100: otherwise 64 wide with 8 warps and two
+    pipeline stages: forward 0.202 ms (D128) and 0.263 ms (D256) against 0.228 / 0.383 with the earlier settings,
+    backward 0.265 / 0.350 against 0.247 / 0.578. Other dtypes keep the earlier settings their GPU tests passed
+    with: 4 warps, 32 wide above K = 128, one pipeline stage there (three [64, 256] operand tiles per step) and in
+    float32 (``num_stages``)."""
     BK = max(16, triton.next_power_of_2(D_K))
-    BV = 32 if num_states * triton.cdiv(D_V, 64) < 128 else 64
-    BV = max(16, min(triton.next_power_of_2(D_V), BV))
-    return BK, BV, {"num_warps": 8 if BV >= 64 else 4, "num_stages": num_stages(dtype)}
+    few = num_states * triton.cdiv(D_V, 64) < 128
+    if tuned(dtype):
+        BV, launch = (32, {"num_warps": 4}) if few else (64, {"num_warps": 8})
+        launch["num_stages"] = num_stages(dtype)
+    else:
+        BV = 32 if few or BK > 128 else 64
+        launch = {"num_warps": 4, "num_stages": 1 if BK > 128 else num_stages(dtype)}
+    return BK, max(16, min(triton.next_power_of_2(D_V), BV)), launch
 
 
 @triton.jit
