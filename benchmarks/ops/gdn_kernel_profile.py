@@ -20,7 +20,8 @@ RESULT_MARKER = "@@GDN_KERNEL_PROFILE@@"
 
 
 def kernel_rows(fn, reps: int = 5) -> List[Dict]:
-    """[{"kernel", "calls", "us"}] per call of ``fn`` (CUDA kernels only), largest first."""
+    """[{"kernel", "calls", "us"}] per call of ``fn`` (CUDA kernels only), largest first (also what
+    ``benchmarks.ops.profile_ops.kernel_table`` prints)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -37,7 +38,7 @@ def kernel_rows(fn, reps: int = 5) -> List[Dict]:
             continue
         t, n = totals.get(evt.name, (0.0, 0))
         totals[evt.name] = (t + evt.device_time, n + 1)
-    rows = [{"kernel": name[:90], "calls": n / reps, "us": t / reps} for name, (t, n) in totals.items()]
+    rows = [{"kernel": name, "calls": n / reps, "us": t / reps} for name, (t, n) in totals.items()]
     return sorted(rows, key=lambda r: -r["us"])
 
 

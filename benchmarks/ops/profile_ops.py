@@ -20,25 +20,12 @@ from benchmarks.common import backend, bench_ms
 
 def kernel_table(fn: Callable[[], object], reps: int = 5, top: int = 25) -> List[str]:
     """Lines: CUDA time per call (us) and calls per call of each kernel of ``fn``, largest first."""
-    from torch.profiler import ProfilerActivity, profile
+    from benchmarks.ops.gdn_kernel_profile import kernel_rows
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    totals = {}
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t, n = totals.get(evt.name, (0.0, 0))
-        totals[evt.name] = (t + evt.device_time, n + 1)
-    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
-    all_us = sum(t for t, _ in totals.values()) / reps
-    lines = [f"  kernels: {sum(n for _, n in totals.values()) / reps:.0f} launches, {all_us:.1f} us of kernel time"]
-    for name, (t, n) in rows[:top]:
-        lines.append(f"  {t / reps:10.1f} us  x{n / reps:4.1f}  {name[:110]}")
+    rows = kernel_rows(fn, reps)
+    lines = [f"  kernels: {sum(r['calls'] for r in rows):.0f} launches, {sum(r['us'] for r in rows):.1f} us of "
+             "kernel time"]
+    lines += [f"  {r['us']:10.1f} us  x{r['calls']:4.1f}  {r['kernel'][:110]}" for r in rows[:top]]
     return lines
 
 

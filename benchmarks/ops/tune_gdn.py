@@ -182,7 +182,7 @@ def segment_rows(shapes, rep_ms: int) -> List[Dict]:
 def _table(title: str, rows: List[Dict], top: int = 14) -> str:
     lines = [title]
     for r in rows[:top]:
-        lines.append(f"  {r['us']:9.1f} us  x{r['calls']:4.1f}  {r['kernel']}")
+        lines.append(f"  {r['us']:9.1f} us  x{r['calls']:4.1f}  {r['kernel'][:90]}")
     lines.append(f"  {sum(r['us'] for r in rows):9.1f} us  total over {sum(r['calls'] for r in rows):.0f} launches")
     return "\n".join(lines)
 

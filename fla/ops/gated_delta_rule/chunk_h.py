@@ -198,16 +198,7 @@ def chunk_fwd_h(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tens
     if N * H == 0:
         return h, v_new, (k.new_empty(N, H, D_K, D_V, dtype=torch.float32) if output_final_state else None)
     run = functools.partial(_launch_fwd_h, k, w, u, g)
-    segments = _segments(segments, N * H, T, chunking)
-    if segments > 1:
-        seg = segment_chunking(B, T, chunking.chunk_size, segments, k.device)
-        ends = k.new_empty(seg.N, H, D_K, D_V + D_K, dtype=torch.float32)
-        run(None, None, None, ends, seg, D_V, D_K, False)
-        starts, final_state = _chain_segments(ends, B, D_V, initial_state, output_final_state, reverse=False)
-        run(h, v_new, starts, None, seg, D_V, 0, True)
-        return h, v_new, final_state
-    final_state = k.new_empty(N, H, D_K, D_V, dtype=torch.float32) if output_final_state else None
-    run(h, v_new, initial_state, final_state, chunking, D_V, 0, True)
+    final_state = _walk(run, h, v_new, initial_state, output_final_state, k, D_V, chunking, segments, reverse=False)
     return h, v_new, final_state
 
 
@@ -223,6 +214,25 @@ def num_segments(num_states: int, num_chunks: int, is_varlen: bool) -> int:
         return 1
     s = min(num_chunks // 16, 64 // max(num_states, 1))
     return s if s >= 4 else 1
+
+
+def _walk(run, out_a, out_b, state_in, want_last: bool, k: torch.Tensor, D_V: int, chunking: Chunking,
+          segments: Optional[int], reverse: bool) -> Optional[torch.Tensor]:
+    """One state recurrence over ``chunking``: ``run(out_a, out_b, state_in, state_out, chunking, D_V, D_P, save)``
+    launches its kernel. Walked whole, or in segments (``_segments``; ``reverse`` for the backward's order).
+    Returns the state it ends with ([N, H, K, V] float32) when ``want_last``, else None."""
+    B, T, H, D_K = k.shape
+    segments = _segments(segments, chunking.N * H, T, chunking)
+    if segments > 1:
+        seg = segment_chunking(B, T, chunking.chunk_size, segments, k.device)
+        ends = k.new_empty(seg.N, H, D_K, D_V + D_K, dtype=torch.float32)
+        run(None, None, None, ends, seg, D_V, D_K, False)
+        starts, last = _chain_segments(ends, B, D_V, state_in, want_last, reverse)
+        run(out_a, out_b, starts, None, seg, D_V, 0, True)
+        return last
+    last = k.new_empty(chunking.N, H, D_K, D_V, dtype=torch.float32) if want_last else None
+    run(out_a, out_b, state_in, last, chunking, D_V, 0, True)
+    return last
 
 
 def _segments(segments: Optional[int], num_states: int, T: int, chunking: Chunking) -> int:
@@ -305,17 +315,8 @@ def chunk_bwd_dhu(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, g: torch.Te
     if N * H == 0:
         return dh, dv_new, (k.new_empty(N, H, D_K, D_V, dtype=torch.float32) if need_dh0 else None)
     run = functools.partial(_launch_bwd_dhu, q, k, w, g, do, dv_local, float(scale))
-    segments = _segments(segments, N * H, T, chunking)
-    if segments > 1:
-        seg = segment_chunking(B, T, chunking.chunk_size, segments, k.device)
-        ends = k.new_empty(seg.N, H, D_K, D_V + D_K, dtype=torch.float32)
-        run(None, None, None, ends, seg, D_V, D_K, False)
-        # walked backwards: the segment after s hands s its end-state gradient
-        starts, dh0 = _chain_segments(ends, B, D_V, dht, need_dh0, reverse=True)
-        run(dh, dv_new, starts, None, seg, D_V, 0, True)
-        return dh, dv_new, dh0
-    dh0 = k.new_empty(N, H, D_K, D_V, dtype=torch.float32) if need_dh0 else None
-    run(dh, dv_new, dht, dh0, chunking, D_V, 0, True)
+    # walked backwards: in segments, the segment after s hands s its end-state gradient
+    dh0 = _walk(run, dh, dv_new, dht, need_dh0, k, D_V, chunking, segments, reverse=True)
     return dh, dv_new, dh0
 
 
