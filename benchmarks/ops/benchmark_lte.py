@@ -144,7 +144,8 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
         # per layer when a model's LTE_LAYERS layers step in one graph (one launch per token, as GraphDecoder does):
         # each layer has its own cache, so together they do not fit in L2 as one 42 MB cache would
         if graphs:
-            steps = [make_step(*filled_cache(), torch.zeros(B, dtype=torch.long, device=dev)) for _ in range(LTE_LAYERS)]
+            steps = [make_step(*filled_cache(), torch.zeros(B, dtype=torch.long, device=dev))
+                     for _ in range(LTE_LAYERS)]
             lte_layer_ms = _graph_or_nan(lambda: [s() for s in steps], rep_ms) / LTE_LAYERS
             del steps
         for S in contexts:

@@ -113,8 +113,8 @@ def candidates_for(stage: str, D: int):
     table = {"kkt_solve": WY_CANDIDATES, "w_u": WY_CANDIDATES, "wy_bwd": WY_BWD_CANDIDATES}.get(stage, CHUNK_CANDIDATES)
     for b, w, s in table:
         if b <= max(D, 32):
-            launch = {"block": b, "num_warps": w, "num_stages": s}
-            out.append((f"B{b} w{w} s{s}", {"chunk_launch": (lambda kernel, dtype, *a, launch=launch: dict(launch))}))
+            launch = (b, {"num_warps": w, "num_stages": s})
+            out.append((f"B{b} w{w} s{s}", {"chunk_launch": (lambda kernel, dtype, *a, launch=launch: launch)}))
     return out
 
 

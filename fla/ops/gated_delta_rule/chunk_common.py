@@ -14,7 +14,7 @@ Sequence ``n``'s first chunk is ``n * NT`` (or ``chunk_offsets[n]`` with cu_seql
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -72,8 +72,8 @@ def num_stages(dtype: torch.dtype) -> int:
 # overrides for head dims above 128 (dqkwg: 0.604 ms against 0.686).
 # wy_bwd never takes 4 warps: with 4 warps at chunk size 64, Triton 3.4 - 3.7 on Hopper miscompile this kind of
 # kernel (on an H200 with Triton 3.6 our bf16 / fp16 runs read out of bounds or gave dk with relative error 0.2;
-# FLA hit the same in its delta rule WY backward, FLA #984, and bisected it to num_warps = 4). With 2 and 8 warps
-# its outputs agree to 1e-7 and pass the GPU tests.
+# FLA hit the same in its delta rule WY backward, FLA #984, and bisected it to num_warps = 4). 8 warps with 32-wide
+# tiles passed the GPU tests (H100); with 64-wide tiles its outputs agree with those and with 2 warps to 1e-7.
 CHUNK_LAUNCH = {
     "kkt_solve": (64, 2),
     "w_u": (64, 4),
@@ -93,17 +93,17 @@ def tuned(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
-def chunk_launch(kernel: str, dtype: torch.dtype, head_dim: int = 64) -> dict:
-    """Launch options of a per-chunk kernel: {"block", "num_warps", "num_stages"}; ``block`` is the widest tile
-    along K / V (narrower heads take their next power of two, at least 16). bf16: ``CHUNK_LAUNCH`` (and
-    ``CHUNK_LAUNCH_WIDE`` for head dims above 128); other dtypes: ``CHUNK_LAUNCH_PROVEN``."""
+def chunk_launch(kernel: str, dtype: torch.dtype, head_dim: int = 64) -> Tuple[int, dict]:
+    """(block, launch options {"num_warps", "num_stages"}) of a per-chunk kernel; ``block`` is the widest tile
+    along K / V (``block_k``). bf16: ``CHUNK_LAUNCH`` (and ``CHUNK_LAUNCH_WIDE`` for head dims above 128); other
+    dtypes: ``CHUNK_LAUNCH_PROVEN``."""
     if not tuned(dtype):
         block, warps = CHUNK_LAUNCH_PROVEN[kernel]
     elif head_dim > 128:
         block, warps = CHUNK_LAUNCH_WIDE.get(kernel, CHUNK_LAUNCH[kernel])
     else:
         block, warps = CHUNK_LAUNCH[kernel]
-    return {"block": block, "num_warps": warps, "num_stages": num_stages(dtype)}
+    return block, {"num_warps": warps, "num_stages": num_stages(dtype)}
 
 
 def block_k(K: int, block: int = 64) -> int:

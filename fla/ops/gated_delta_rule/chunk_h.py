@@ -47,7 +47,7 @@ def _state_launch(D_K: int, D_V: int, num_states: int, dtype: torch.dtype) -> Tu
 
     bf16, from the launch sweep of ``benchmarks.ops.tune_gdn`` on an H100: otherwise 64 wide with 8 warps and two
     pipeline stages: forward 0.202 ms (D128) and 0.263 ms (D256) against 0.228 / 0.383 with the earlier settings,
-    backward 0.265 / 0.350 against 0.247 / 0.578. Other dtypes keep the earlier settings their GPU tests passed
+    backward 0.265 / 0.350 against 0.247 / 0.605. Other dtypes keep the earlier settings their GPU tests passed
     with: 4 warps, 32 wide above K = 128, one pipeline stage there (three [64, 256] operand tiles per step) and in
     float32 (``num_stages``)."""
     BK = max(16, triton.next_power_of_2(D_K))

@@ -167,8 +167,7 @@ def chunk_fwd_o(q, k, v_new, h, g, scale: float, chunking: Chunking, output_dtyp
     o = torch.empty(B, T, H, D_V, device=q.device, dtype=output_dtype)
     if chunking.num_chunks == 0:
         return o
-    launch = chunk_launch("fwd_o", k.dtype)
-    block = launch.pop("block")
+    block, launch = chunk_launch("fwd_o", k.dtype)
     BV = block_k(D_V, block)
     _fwd_o_kernel[(chunking.num_chunks, triton.cdiv(D_V, BV), H)](
         q, k, v_new, h, g, o, chunking.chunk_indices, chunking.cu_seqlens, float(scale), T, H=H, D_K=D_K, D_V=D_V,
@@ -185,8 +184,7 @@ def chunk_bwd_dv_local(q, k, g, do, scale: float, chunking: Chunking) -> torch.T
     dv = torch.empty_like(do, dtype=k.dtype)
     if chunking.num_chunks == 0:
         return dv
-    launch = chunk_launch("dv_local", k.dtype)
-    block = launch.pop("block")
+    block, launch = chunk_launch("dv_local", k.dtype)
     _bwd_dv_local_kernel[(chunking.num_chunks, H)](
         q, k, g, do, dv, chunking.chunk_indices, chunking.cu_seqlens, float(scale), T, H=H, D_K=D_K, D_V=D_V,
         BT=chunking.chunk_size, BK=block_k(D_K, block), BV=block_k(D_V, block), IS_VARLEN=chunking.is_varlen,
@@ -203,8 +201,7 @@ def chunk_bwd_dqkwg(q, k, v_new, h, g, do, dh, dv_new, scale: float, chunking: C
     """
     B, T, H, D_K = k.shape
     D_V = do.shape[-1]
-    launch = chunk_launch("dqkwg", k.dtype, max(D_K, D_V))
-    block = launch.pop("block")
+    block, launch = chunk_launch("dqkwg", k.dtype, max(D_K, D_V))
     BK = block_k(D_K, block)
     NK = triton.cdiv(D_K, BK)
     dq = torch.empty_like(q)

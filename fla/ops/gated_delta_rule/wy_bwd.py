@@ -135,8 +135,7 @@ def wy_bwd(k, v, g, beta, ai, w, u, dw, du, dk_in, dg_in, chunking: Chunking):
     dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     if chunking.num_chunks == 0:
         return dk, dv, dbeta, dg
-    launch = chunk_launch("wy_bwd", k.dtype)
-    block = launch.pop("block")
+    block, launch = chunk_launch("wy_bwd", k.dtype)
     _wy_bwd_kernel[(chunking.num_chunks, H)](
         k, v, g, beta, ai, w, u, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, chunking.chunk_indices, chunking.cu_seqlens,
         T, H=H, D_K=D_K, D_V=D_V, BT=chunking.chunk_size, BK=block_k(D_K, block), BV=block_k(D_V, block),

@@ -153,8 +153,8 @@ def chunk_scaled_dot_kkt_solve(k: torch.Tensor, g: torch.Tensor, beta: torch.Ten
     ai = torch.empty(B, T, H, BT, device=k.device, dtype=k.dtype)
     if chunking.num_chunks == 0:
         return ai
-    launch = chunk_launch("kkt_solve", k.dtype)
-    BK = block_k(D_K, launch.pop("block"))
+    block, launch = chunk_launch("kkt_solve", k.dtype)
+    BK = block_k(D_K, block)
     _kkt_solve_kernel[(chunking.num_chunks, H)](
         k, g, beta, ai, chunking.chunk_indices, chunking.cu_seqlens, T, H=H, D_K=D_K, BT=BT, BK=BK,
         IS_VARLEN=chunking.is_varlen, PREC=dot_precision(k.dtype), **launch,
@@ -171,8 +171,7 @@ def recompute_w_u(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch
     u = torch.empty_like(v)
     if chunking.num_chunks == 0:
         return w, u
-    launch = chunk_launch("w_u", k.dtype)
-    block = launch.pop("block")
+    block, launch = chunk_launch("w_u", k.dtype)
     _recompute_w_u_kernel[(chunking.num_chunks, H)](
         k, v, g, beta, ai, w, u, chunking.chunk_indices, chunking.cu_seqlens, T, H=H, D_K=D_K, D_V=D_V,
         BT=chunking.chunk_size, BK=block_k(D_K, block), BV=block_k(D_V, block), IS_VARLEN=chunking.is_varlen,

@@ -288,7 +288,7 @@ GPU_CASES = [  # (B, T, H, K, V, dtype, l2norm)
     (2, 500, 4, 100, 60, torch.bfloat16, True),
     # 64 (sequence, head) states: the state kernels take their wide-slab (BV = 64) configuration
     (4, 512, 16, 128, 128, torch.bfloat16, True),
-    # 2 states, 128 chunks: the forward state recurrence runs in 8 segments (num_segments)
+    # 2 states, 128 chunks: both state recurrences run in 8 segments (num_segments)
     (1, 8192, 2, 128, 128, torch.bfloat16, True),
     (1, 8000, 2, 64, 64, torch.float32, False),
     (4, 300, 16, 64, 128, torch.float32, False),
