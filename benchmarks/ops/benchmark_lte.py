@@ -11,7 +11,9 @@ Decode step, bf16, B8 HQ16 H16 D64: ``lte_cache_step`` + ``lte_decoding_one_step
 512-slot buffer (the cost does not depend on the context) beside full-attention ``attn_decoding_one_step`` over
 4K / 16K / 64K cached keys; each timed eagerly (Python and launches included), as one CUDA-graph replay of one
 layer's step, and per layer in one graph of ``LTE_LAYERS`` layers' steps (each with its own cache), which is how a
-graphed model runs them: one graph launch per token, not per layer.
+graphed model runs them: one graph launch per token, not per layer. The ``lte+router`` columns add the router's
+step (``LTERouter.decode_step`` with the paper's stack, ``ROUTER_CONV``: the new token into the router ring, the
+score of the token 6 back into the cache), which a decode step of the layer pays every token.
 
 Prints tables with ratios and writes OUT/lte.{txt,json} (default OUT: benchmarks/results). Asserts no speed.
 
@@ -33,6 +35,7 @@ QUICK_SHAPES = [(2, 1024, 16, 16, 64)]
 WINDOW = 768
 FRACTION = 0.125
 LTE_LAYERS = 12  # LTE layers of the paper's 0.4B laLTE (configs/gated_delta_net_lte_0.4B.json)
+ROUTER_CONV = ([3, 3, 3], [2, 2, 2])  # its router's conv_size and conv_dilation (receptive field 13)
 
 
 def _flex_step(q, k, v, selected, window):
@@ -127,26 +130,46 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
     ones = torch.ones(B, dtype=torch.bool, device=dev)
     no_sink = ~ones  # a constant, built once: the model's step does not pay this launch
 
-    def make_step(kc, vc, sc, sk, va, slot):
+    def make_step(kc, vc, sc, sk, va, slot, router=None):
+        if router is not None:  # the router's step too: its own ring, scoring the token m back into sc
+            R = router.receptive_field
+            ring = torch.randn(B, R, H * 2 * D, device=dev, dtype=dt)
+            ring_valid = torch.ones(B, R, dtype=torch.bool, device=dev)
+            pos = torch.zeros(B, dtype=torch.long, device=dev)
+
         def lte_step():
+            if router is not None:
+                router.decode_step(ring, ring_valid, new_k, new_v, ones, pos, sc, WINDOW)
+                pos.add_(1)
             slot.add_(1).remainder_(WINDOW + 1)
             lte_cache_step(kc, vc, sc, sk, va, slot, new_k, new_v, ones, no_sink, WINDOW)
             return lte_decoding_one_step(q, kc, vc, va)
         return lte_step
 
+    def make_router():
+        from fla.layers.lte_router import LTERouter
+
+        return LTERouter(H, D, *ROUTER_CONV).to(device=dev, dtype=dt).eval()
+
     lte_step = make_step(kc, vc, sc, sk, va, slot)
+    router_step = make_step(*filled_cache(), torch.zeros(B, dtype=torch.long, device=dev), make_router())
 
     graphs = torch.device(dev).type == "cuda"
     rows = []
     with backend(_ours_backend(dev)):
         lte_ms = timer(lte_step, rep_ms=rep_ms)
         lte_graph_ms = _graph_or_nan(lte_step, rep_ms) if graphs else float("nan")
+        router_ms = timer(router_step, rep_ms=rep_ms)
+        router_graph_ms = _graph_or_nan(router_step, rep_ms) if graphs else float("nan")
         # per layer when a model's LTE_LAYERS layers step in one graph (one launch per token, as GraphDecoder does):
         # each layer has its own cache, so together they do not fit in L2 as one 42 MB cache would
         if graphs:
             steps = [make_step(*filled_cache(), torch.zeros(B, dtype=torch.long, device=dev))
                      for _ in range(LTE_LAYERS)]
             lte_layer_ms = _graph_or_nan(lambda: [s() for s in steps], rep_ms) / LTE_LAYERS
+            steps = [make_step(*filled_cache(), torch.zeros(B, dtype=torch.long, device=dev), make_router())
+                     for _ in range(LTE_LAYERS)]
+            router_layer_ms = _graph_or_nan(lambda: [s() for s in steps], rep_ms) / LTE_LAYERS
             del steps
         for S in contexts:
             k = torch.randn(B, S, H, D, device=dev, dtype=dt)
@@ -157,7 +180,7 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
 
             full_ms = timer(full_step, rep_ms=rep_ms)
             row = {"context": S, "lte_step_us": round(lte_ms * 1e3, 1), "full_attn_us": round(full_ms * 1e3, 1),
-                   "lte/full": round(lte_ms / full_ms, 2)}
+                   "lte/full": round(lte_ms / full_ms, 2), "lte+router_step_us": round(router_ms * 1e3, 1)}
             if graphs:
                 full_graph_ms = _graph_or_nan(full_step, rep_ms)
                 full_layer_ms = _graph_or_nan(lambda: [full_step() for _ in range(LTE_LAYERS)], rep_ms) / LTE_LAYERS
@@ -166,7 +189,10 @@ def decode_rows(contexts, rep_ms: int, device="cuda", timer=bench_ms, decode_sha
                             "lte/full (graph)": round(lte_graph_ms / full_graph_ms, 2),
                             f"lte_graph_{LTE_LAYERS}L_us": round(lte_layer_ms * 1e3, 1),
                             f"full_graph_{LTE_LAYERS}L_us": round(full_layer_ms * 1e3, 1),
-                            f"lte/full ({LTE_LAYERS}L graph)": round(lte_layer_ms / full_layer_ms, 2)})
+                            f"lte/full ({LTE_LAYERS}L graph)": round(lte_layer_ms / full_layer_ms, 2),
+                            "lte+router_graph_us": round(router_graph_ms * 1e3, 1),
+                            f"lte+router_graph_{LTE_LAYERS}L_us": round(router_layer_ms * 1e3, 1),
+                            f"lte+router/full ({LTE_LAYERS}L graph)": round(router_layer_ms / full_layer_ms, 2)})
             rows.append(row)
             print(rows[-1], flush=True)
             del k, v

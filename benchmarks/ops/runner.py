@@ -302,6 +302,12 @@ def lte_rows(quick: bool, device: str, use_flex: bool = True, notes: Optional[Li
             rows.append(_row("lte_decode", shape, f"decode-graph-{bl.LTE_LAYERS}L", r[layered] / 1e3,
                              f"full attn decode S={r['context']}", r[f"full_graph_{bl.LTE_LAYERS}L_us"] / 1e3,
                              note=f"per layer: {bl.LTE_LAYERS} layers' steps in one CUDA graph, each own cache"))
+        layered = f"lte+router_graph_{bl.LTE_LAYERS}L_us"
+        if layered in r:
+            rows.append(_row("lte_decode", shape, f"decode-graph-{bl.LTE_LAYERS}L+router", r[layered] / 1e3,
+                             f"full attn decode S={r['context']}", r[f"full_graph_{bl.LTE_LAYERS}L_us"] / 1e3,
+                             note=f"per layer, {bl.LTE_LAYERS} layers in one graph: router step + cache update + "
+                                  "attention"))
     return rows
 
 

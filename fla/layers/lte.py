@@ -19,17 +19,18 @@ query's window are pruned to the top ``buffer_size`` (sinks included) by score, 
 
 Cache (``lte_state`` in ``fla.models.utils.Cache``, every tensor batch-first; ``fla.ops.lte.cache`` documents the
 layout): the ring of the last w + 1 tokens (rotated keys, values, scores, sink and valid flags) followed by the
-retained buffer of at most ``buffer_size`` tokens; ``router_kv`` [B, H_kv 2 hd, 2m + 1] / ``router_valid`` [B, 2m + 1]:
-the router ring, the pre-RoPE keys and values of the last 2m + 1 tokens (m = the router's margin) channel-first in
-the router's input layout, zero where ``router_valid`` is False; ``pos`` [B] tokens seen including pads (ring slot of
+retained buffer of at most ``buffer_size`` tokens; ``router_kv`` [B, 2m + 1, H_kv 2 hd] / ``router_valid``
+[B, 2m + 1]: the router ring, the pre-RoPE keys and values of the last 2m + 1 tokens (m = the router's margin; the
+token at cache position c in slot c % (2m + 1); per head its key then its value), zero where ``router_valid`` is
+False; ``pos`` [B] tokens seen including pads (ring slot of
 the next token = pos % (w + 1)); ``real`` [B] real tokens seen (the next RoPE position; sinks are real tokens
 0 .. sink_size - 1, also when the prompt is shorter than sink_size).
 
 Decode step for a new token at cache position c: its q / k are rotated at position ``real``; the router scores token
 c - m, whose +-m context has just become complete, on the 2m + 1 cached router inputs (zero outside the sequence,
-as the full forward pads; ``LTERouter.score_centre`` computes that one position only), and writes that score into its
-ring slot (-inf for a pad, which its slot already holds), so every token's score equals the full
-forward's before it can leave the window (the reference re-scores in batches and de-rotates cached keys, with the
+as the full forward pads; ``LTERouter.decode_step`` computes that one position only), and writes that score into
+its ring slot (-inf for a pad, which its slot already holds), so every token's score equals the full forward's
+before it can leave the window (the reference re-scores in batches and de-rotates cached keys, with the
 wrong offset for prompts under 2m tokens); then ``lte_cache_step`` moves the token leaving the window into the
 buffer if it is selected and outranks the buffer's lowest (streaming top-b; sinks always win) and writes the new
 token into the ring; then ``lte_decoding_one_step`` attends over every valid slot. The retained set after each step
@@ -66,12 +67,15 @@ def _check_non_negative_int(name: str, value) -> int:
 
 
 def _router_ring(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The router ring of a prompt: the last ``size`` steps of x [N, L, ...], zero-padded on the left when L < size.
+    """The router ring of a prompt x [N, L, ...]: its last ``size`` steps with step c in slot c % size, zeros in the
+    slots of positions before the first (L < size).
 
-    A new tensor holding only those steps (the decode steps shift it in place, and it must not keep the prompt's
-    keys alive): the slice is taken before the concatenation, which copies it."""
-    tail = x[:, max(x.shape[1] - size, 0):]
-    return torch.cat([tail.new_zeros(tail.shape[0], size - tail.shape[1], *tail.shape[2:]), tail], 1)
+    A new contiguous tensor holding only those steps (the decode steps write into it in place, and it must not keep
+    the prompt's keys alive)."""
+    L = x.shape[1]
+    tail = x[:, max(L - size, 0):]
+    ordered = torch.cat([tail.new_zeros(tail.shape[0], size - tail.shape[1], *tail.shape[2:]), tail], 1)
+    return torch.roll(ordered, L % size, 1).contiguous()  # position L - size + i goes to slot (L + i) % size
 
 
 class LTEAttention(nn.Module):
@@ -253,9 +257,8 @@ class LTEAttention(nn.Module):
         R = 2 * self.router.margin + 1
         N, L = valid.shape
         router_kv = torch.cat([k_raw, v_raw], -1).detach().flatten(2) * valid[..., None]  # [N, L, H_kv 2 hd]
-        router_kv = _router_ring(router_kv, R).transpose(1, 2).contiguous()
         state = {"k_cache": k_cache, "v_cache": v_cache, "score": s_cache, "sink": sink_cache, "valid": valid_cache,
-                 "router_kv": router_kv, "router_valid": _router_ring(valid, R),
+                 "router_kv": _router_ring(router_kv, R), "router_valid": _router_ring(valid, R),
                  "pos": torch.full((N,), L, dtype=torch.long, device=valid.device),
                  "real": valid.long().sum(1)}
         past_key_values.update(layer_idx=self.layer_idx, offset=T, lte_state=state)
@@ -282,23 +285,16 @@ class LTEAttention(nn.Module):
         from fla.ops.lte import lte_cache_step, lte_decoding_one_step
 
         # Inside a CUDA graph every launch costs a few microseconds whatever its size, so this step keeps them few:
-        # one router ring shifted by one cat + copy, the router at the centre only, no redundant casts.
-        B = x.shape[0]
-        W1, m = self.window_size + 1, self.router.margin
+        # the router step is one kernel on CUDA (``fla.ops.lte.router_step``), no redundant casts.
+        W1 = self.window_size + 1
         q, k, v = self._project(x)
         pos, n_real = state["pos"], state["real"]
-        # the router ring of the last 2m + 1 tokens, shifted in place (every state tensor keeps its storage from step
-        # to step, as CUDA-graph replay needs); a pad enters as zeros. Then score the token m back, whose context is
-        # now complete.
-        kv, kv_valid = state["router_kv"], state["router_valid"]
-        new = torch.cat([k, v], -1).detach() * real[:, None, None, None]  # [B, 1, H_kv, 2 hd]
-        kv.copy_(torch.cat([kv[:, :, 1:], new.reshape(B, -1, 1)], 2))
-        kv_valid.copy_(torch.cat([kv_valid[:, 1:], real[:, None]], 1))
-        centre = self.router.score_centre(kv, kv_valid)  # [B, H_kv], -inf at a pad
-        # a pad's (or a not-yet-existing token's) ring slot holds -inf (``fla.ops.lte.cache``), so writing the
-        # centre's score unconditionally changes only the slots of real tokens
-        target = (pos - m).remainder(W1)
-        state["score"].scatter_(1, target[:, None, None].expand(-1, 1, centre.shape[1]), centre[:, None])
+        # the new token into the router ring (every state tensor keeps its storage from step to step, as CUDA-graph
+        # replay needs; a pad enters as zeros), then the token m back, whose context is now complete, gets its score
+        # in its attention ring slot. A pad's (or a not-yet-existing token's) slot holds -inf (``fla.ops.lte.cache``)
+        # and gets -inf again, so only the slots of real tokens change.
+        self.router.decode_step(state["router_kv"], state["router_valid"], k[:, 0], v[:, 0], real, pos,
+                                state["score"], self.window_size)
 
         q_rot, k_rot = self.rotary(q, k, seqlen_offset=n_real)
         k_cache = state["k_cache"]

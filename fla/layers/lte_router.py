@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fla.ops.lte.router_step import lte_router_step, router_centre_logits, routing_activation
 from fla.ops.utils.index import prepare_lens, prepare_position_ids, prepare_sequence_ids
 from fla.utils import check_choice, check_cu_seqlens, check_non_negative_float, check_positive_int, check_tensor
 
@@ -191,19 +192,14 @@ class LTEConvolutionStack(nn.Module):
         score): one launch less in a decode step, where every launch counts."""
         if x.ndim != 3 or x.shape[-1] != self.receptive_field:
             raise ValueError(f"x must be [N, channels, receptive_field={self.receptive_field}], got {list(x.shape)}")
-        dtype = torch.promote_types(x.dtype, self.proj.weight.dtype)
-        x = x.to(dtype)
-        offset, last = 0, len(self.convs) - 1
-        for j, (conv, k, d) in enumerate(zip(self.convs, self.conv_size, self.conv_dilation)):
-            x = F.dropout(x, self.dropout_prob, self.training)
-            bias = None if conv.bias is None else conv.bias.to(dtype)
-            x = F.conv1d(x, conv.weight.squeeze(2).to(dtype), bias, dilation=d, groups=self.num_groups)
-            offset += (k - 1) * d // 2  # ring position of output 0
-            if j < last:
-                x = x * mask[:, None, offset:offset + x.shape[-1]]  # bool: exact 0 / 1, no cast launch
-            x = F.silu(x)
-        return F.conv1d(x, self.proj.weight.squeeze(2).to(dtype), self.proj.bias.to(dtype),
-                        groups=self.num_groups)[..., 0]
+        return router_centre_logits(x, mask, *self.centre_parameters(), self.num_groups, self.dropout_prob,
+                                    self.training)
+
+    def centre_parameters(self):
+        """(conv weights [G c_{j+1}, c_j, k_j], conv biases, dilations, projection weight [G, c_J], projection
+        bias [G]): the stack's parameters as ``fla.ops.lte.router_step`` takes them (views, no copies)."""
+        return ([conv.weight.squeeze(2) for conv in self.convs], [conv.bias for conv in self.convs],
+                list(self.conv_dilation), self.proj.weight.flatten(1), self.proj.bias)
 
 
 class LTERouter(nn.Module):
@@ -371,9 +367,23 @@ class LTERouter(nn.Module):
         else:
             logits = self.conv_stack.forward_centre(x.reshape(B * H, C // H, RF),
                                                     mask.repeat_interleave(H, dim=0)).reshape(B, H)
-        logits = logits.float()  # as in _score: the activation runs in float32
-        score = torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else torch.relu(logits)
-        return torch.where(mask[:, RF // 2, None], score, float("-inf"))
+        return torch.where(mask[:, RF // 2, None], routing_activation(logits, self.routing_method), float("-inf"))
+
+    def decode_step(self, ring: torch.Tensor, ring_valid: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                    real: torch.Tensor, pos: torch.Tensor, score: torch.Tensor, window_size: int) -> None:
+        """One decode step of the router ring, in place (``fla.ops.lte.router_step.lte_router_step``).
+
+        Args:
+            ring: [B, R, H_kv * 2 hd] (R = receptive_field; token at cache position c in slot c % R, per head its
+                pre-RoPE key then its value, zero for pads), ring_valid: [B, R] bool.
+            new_k, new_v: [B, H_kv, hd] the new token (pre-RoPE key). real: [B] bool. pos: [B] its cache position.
+            score: [B, S, H_kv] float32, the LTE cache's scores: the token at pos - margin gets its score in ring
+                slot (pos - margin) % (window_size + 1) (-inf when it is not a real token).
+        """
+        stack = self.conv_stack
+        groups = self.num_kv_heads if self.routing_shared == "head" else 1
+        lte_router_step(ring, ring_valid, new_k, new_v, real, pos, score, window_size, *stack.centre_parameters(),
+                        groups, self.routing_method, stack.dropout_prob, self.training)
 
     def _score(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x [B, T, H, 2 hd], mask [B, T] bool or None -> score [B, T, H] float32."""
@@ -388,10 +398,7 @@ class LTERouter(nn.Module):
             rows = x.permute(0, 2, 3, 1).reshape(B * H, C, T)
             row_mask = None if mask is None else mask.repeat_interleave(H, dim=0)
             logits = self.conv_stack(rows, row_mask).reshape(B, H, T)
-        # The activation runs in float32: sigmoid(x) - 0.5 in bf16 rounds small positive logits to a score of 0
-        # (not kept); the upcast only makes the keep rule score > 0 <=> logit > 0 exact.
-        logits = logits.transpose(1, 2).float()
-        score = torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else torch.relu(logits)
+        score = routing_activation(logits.transpose(1, 2), self.routing_method)
         if mask is not None:
             score = score.masked_fill(~mask[:, :, None], float("-inf"))
         return score
