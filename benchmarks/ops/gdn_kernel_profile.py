@@ -65,8 +65,15 @@ def profile_shapes(shapes: List[Tuple[int, int, int, int]]) -> List[Dict]:
 
         with torch.no_grad():
             result["fwd"] = kernel_rows(fwd)
+        leaves = (q, k, v, g, beta)
+
+        def fwdbwd():
+            for t in leaves:  # as do_bench's grad_to_none: no gradient accumulation kernels in the table
+                t.grad = None
+            fwd().backward(do)
+
         try:
-            result["fwdbwd"] = kernel_rows(lambda: fwd().backward(do))
+            result["fwdbwd"] = kernel_rows(fwdbwd)
         except Exception as e:  # noqa: BLE001 - fla-core refuses its backward on Hopper with this Triton
             result["fwdbwd"] = f"{type(e).__name__}: {str(e)[:120]}"
         out.append(result)
