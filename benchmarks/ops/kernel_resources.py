@@ -1,6 +1,6 @@
 """Registers and spills of the attention and LTE Triton kernels for Hopper, compiled ahead of time (no GPU needed).
 
-    python -m benchmarks.ops.kernel_resources [--arch 90] [--out DIR]
+    python -m benchmarks.ops.kernel_resources [--arch 90] [--out DIR] [--only attn|lte|lte_router_step]
 
 Each kernel is compiled by Triton for ``sm_<arch>`` at the launch configuration it gets from its ``launch_config``
 (every dtype, head dim, GQA group, mask kind that configuration distinguishes), and the PTX is assembled by the
@@ -107,13 +107,60 @@ def cases():
     return out
 
 
+# (dtype, head dim, conv_size, conv_dilation, grouped by head) of the router decode step: the paper's stack at the
+# 0.4B / 1.4B head sizes, a shared stack, float32, and the kernel's fewest / most convolutions
+ROUTER_CASES = [("bf16", 64, [3, 3, 3], [2, 2, 2], True), ("bf16", 64, [3, 3, 3], [2, 2, 2], False),
+                ("fp32", 64, [3, 3, 3], [2, 2, 2], True), ("bf16", 128, [3, 3, 3], [2, 2, 2], True),
+                ("fp16", 64, [5], [1], True), ("bf16", 128, [3, 3, 3, 3], [1, 1, 2, 2], True)]
+
+
+def router_step_rows(arch: int) -> List[Dict]:
+    """Registers and spills of ``_lte_router_step_kernel`` (``fla.ops.lte.router_step``) at ``ROUTER_CASES``,
+    with the constexprs and warps ``_lte_router_step_triton`` launches it with (16 kv heads)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fla.ops.lte.router_step_kernels import MAX_LAYERS, _lte_router_step_kernel as fn
+
+    rows = []
+    for dtype, hd, ks, ds, grouped in ROUTER_CASES:
+        L = len(ks)
+        R = 1 + sum((k - 1) * d for k, d in zip(ks, ds))
+        ks4, ds4 = ks + [1] * (MAX_LAYERS - L), ds + [1] * (MAX_LAYERS - L)
+        ch = [max(2 * hd >> j, 1) for j in range(MAX_LAYERS + 1)]
+        constexprs = dict(H=16, HD=hd, R=R, TP=max(16, triton.next_power_of_2(R)), NL=L, GROUPED=grouped,
+                          C0=ch[0], C1=ch[1], C2=ch[2], C3=ch[3], C4=ch[4], CL=2 * hd >> L, M2=R - 1,
+                          SIGMOID=True, PREC="ieee" if dtype == "fp32" else "tf32",
+                          **{f"K{j}": ks4[j] for j in range(MAX_LAYERS)},
+                          **{f"D{j}": ds4[j] for j in range(MAX_LAYERS)})
+        ptr = "*" + dtype
+        sig = {"RING": ptr, "RVALID": "*u8", "NEW_K": ptr, "NEW_V": ptr, "REAL": "*u8", "POS": "*i64",
+               "SCORE": "*fp32", **{n: ptr for n in ("W0", "B0", "W1", "B1", "W2", "B2", "W3", "B3", "PW", "PB")},
+               **{n: "i32" for n in ("WIN1", "stride_sb", "stride_ss", "stride_sh")},
+               **{n: "constexpr" for n in constexprs}}
+        warps = 8 if dtype == "fp32" else 4
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        t0 = time.perf_counter()
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+        rows.append(dict(op="lte_router_step", kernel="step", dtype=dtype, D=hd, G=16 if grouped else 1,
+                         mask=f"convs {ks} dil {ds}", config=f"w{warps}", **ptxas_info(kernel.asm["ptx"], arch),
+                         compile_s=round(time.perf_counter() - t0, 2)))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot (90: Hopper)")
     parser.add_argument("--out", default="benchmarks/results/ops")
+    parser.add_argument("--only", choices=["attn", "lte", "lte_router_step"], default=None,
+                        help="compile one op's kernels only")
     args = parser.parse_args(argv)
     rows: List[Dict] = []
     for op, kernel, fn, (BM, BN, warps, stages), c in cases():
+        if args.only not in (None, op):
+            continue
         H = 2
         constexprs = dict(HQ=H * c["G"], H=H, G=c["G"], DK=c["D"], DV=c["D"], BM=BM, BN=BN, BC=BN, BK=c["D"],
                           BV=c["D"], IS_VARLEN=False, USE_WINDOW=c["windowed"],
@@ -123,6 +170,8 @@ def main(argv=None) -> None:
                          mask="window" if c["windowed"] else "full", config=f"{BM}x{BN} w{warps} s{stages}",
                          **info, compile_s=round(seconds, 2)))
         print(rows[-1], flush=True)
+    if args.only in (None, "lte_router_step"):
+        rows += router_step_rows(args.arch)
     cols = ["op", "kernel", "dtype", "D", "G", "mask", "config", "registers", "spill_stores", "spill_loads",
             "compile_s"]
     text = print_table(rows, cols, f"kernel_resources: sm_{args.arch}, launch_config of every case")

@@ -12,7 +12,7 @@ position p), scores the token at p - m, whose context has just become complete:
 ``lte_router_step`` (in place) writes the new token into slot p % R, computes the centre's score exactly as the
 full forward would (``router_centre_logits`` on the R tokens in time order; zero outside the sequence) and stores it
 into the attention cache's score ring, ``score[b, (p - m) % (w + 1), h]`` (-inf when the centre is not a real
-token). One Triton kernel (``fla.ops.lte.router_step_kernels``) does all of it; the torch path takes about twenty
+token). One Triton kernel (``fla.ops.lte.router_step_kernels``) does all of it; the torch path takes about thirty
 launches (scatter, gather, three convolutions with their masks and SiLUs, projection, activation, scatter), each a
 few microseconds inside a CUDA graph whatever its size.
 
