@@ -76,8 +76,8 @@ def _lte_router_step_kernel(
     WIN1, stride_sb, stride_ss, stride_sh,
     H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, TP: tl.constexpr, NL: tl.constexpr, GROUPED: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr, CL: tl.constexpr,
-    M2: tl.constexpr, K0: tl.constexpr, D0: tl.constexpr, K1: tl.constexpr, D1: tl.constexpr, K2: tl.constexpr, D2: tl.constexpr,
-    K3: tl.constexpr, D3: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr,
+    M2: tl.constexpr, K0: tl.constexpr, D0: tl.constexpr, K1: tl.constexpr, D1: tl.constexpr, K2: tl.constexpr,
+    D2: tl.constexpr, K3: tl.constexpr, D3: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
