@@ -10,6 +10,20 @@ import sys
 
 import pytest
 
+
+def _last_json_line(snippet: str):
+    """Run ``snippet`` in a child Python without TRITON_INTERPRET (the repository on its path); its last line of
+    output, parsed as JSON."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", snippet], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 SNIPPET = """
 import json
 from benchmarks.ops.kernel_resources import compile_one
@@ -21,14 +35,7 @@ print(json.dumps(info))
 
 
 def test_compile_one_reports_registers_and_spills():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", SNIPPET], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = _last_json_line(SNIPPET)
     assert set(info) == {"registers", "spill_stores", "spill_loads"}
     assert 16 <= info["registers"] <= 255
     assert info["spill_stores"] >= 0 and info["spill_loads"] >= 0
@@ -45,14 +52,7 @@ print(json.dumps(kr.router_step_rows(90)))
 def test_router_step_kernel_compiles_for_sm90_without_spills():
     """The LTE router decode kernel compiles for Hopper at the paper's stack (and with one / four convolutions)
     without spilling in bf16 / fp16."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", ROUTER_SNIPPET], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = _last_json_line(ROUTER_SNIPPET)
     assert [r["mask"] for r in rows] == ["convs [3, 3, 3] dil [2, 2, 2]", "convs [5] dil [1]",
                                          "convs [3, 3, 3, 3] dil [1, 1, 2, 2]"]
     for r in rows:
