@@ -121,25 +121,16 @@ def router_step_rows(arch: int) -> List[Dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fla.ops.lte.router_step_kernels import MAX_LAYERS, _lte_router_step_kernel as fn
+    from fla.ops.lte.router_step_kernels import _lte_router_step_kernel as fn, launch_constexprs
 
     rows = []
     for dtype, hd, ks, ds, grouped in ROUTER_CASES:
-        L = len(ks)
-        R = 1 + sum((k - 1) * d for k, d in zip(ks, ds))
-        ks4, ds4 = ks + [1] * (MAX_LAYERS - L), ds + [1] * (MAX_LAYERS - L)
-        ch = [max(2 * hd >> j, 1) for j in range(MAX_LAYERS + 1)]
-        constexprs = dict(H=16, HD=hd, R=R, TP=max(16, triton.next_power_of_2(R)), NL=L, GROUPED=grouped,
-                          C0=ch[0], C1=ch[1], C2=ch[2], C3=ch[3], C4=ch[4], CL=2 * hd >> L, M2=R - 1,
-                          SIGMOID=True, PREC="ieee" if dtype == "fp32" else "tf32",
-                          **{f"K{j}": ks4[j] for j in range(MAX_LAYERS)},
-                          **{f"D{j}": ds4[j] for j in range(MAX_LAYERS)})
+        constexprs, warps = launch_constexprs(16, hd, ks, ds, grouped, True, dtype == "fp32")
         ptr = "*" + dtype
         sig = {"RING": ptr, "RVALID": "*u8", "NEW_K": ptr, "NEW_V": ptr, "REAL": "*u8", "POS": "*i64",
                "SCORE": "*fp32", **{n: ptr for n in ("W0", "B0", "W1", "B1", "W2", "B2", "W3", "B3", "PW", "PB")},
                **{n: "i32" for n in ("WIN1", "stride_sb", "stride_ss", "stride_sh")},
                **{n: "constexpr" for n in constexprs}}
-        warps = 8 if dtype == "fp32" else 4
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
         t0 = time.perf_counter()
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})

@@ -28,7 +28,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from fla.utils import check_tensor, use_triton
 from fla.utils.backend import requested_backend
@@ -195,26 +194,19 @@ def _router_step(ring, ring_valid, new_k, new_v, real, pos, score, W1, conv_weig
 
 def _lte_router_step_triton(ring, ring_valid, new_k, new_v, real, pos, score, W1, conv_weights, conv_biases,
                             conv_dilation, proj_weight, proj_bias, groups, routing_method) -> None:
-    from fla.ops.lte.router_step_kernels import MAX_LAYERS, _lte_router_step_kernel
+    from fla.ops.lte.router_step_kernels import MAX_LAYERS, _lte_router_step_kernel, launch_constexprs
 
-    B, R, _ = ring.shape
+    B = ring.shape[0]
     H, hd = new_k.shape[1:]
     L = len(conv_weights)
     ws = [w.contiguous() for w in conv_weights] + [proj_weight] * (MAX_LAYERS - L)
     bs = [b.contiguous() for b in conv_biases] + [proj_bias] * (MAX_LAYERS - L)
-    ks = [w.shape[-1] for w in conv_weights] + [1] * (MAX_LAYERS - L)
-    ds = list(conv_dilation) + [1] * (MAX_LAYERS - L)
-    channels = [2 * hd >> j for j in range(MAX_LAYERS + 1)]
+    constexprs, num_warps = launch_constexprs(H, hd, [w.shape[-1] for w in conv_weights], conv_dilation,
+                                              groups == H and H > 1, routing_method == "sigmoid",
+                                              proj_weight.dtype == torch.float32)
     _lte_router_step_kernel[(B, H)](
         ring, ring_valid.view(torch.uint8), new_k.contiguous(), new_v.contiguous(), real.contiguous().view(torch.uint8),
         pos.contiguous(), score,
         ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], ws[3], bs[3], proj_weight.contiguous(), proj_bias.contiguous(),
-        W1, score.stride(0), score.stride(1), score.stride(2),
-        H=H, HD=hd, R=R, TP=max(16, triton.next_power_of_2(R)), NL=L, GROUPED=groups == H and H > 1,
-        C0=channels[0], C1=channels[1], C2=max(channels[2], 1), C3=max(channels[3], 1), C4=max(channels[4], 1),
-        CL=2 * hd >> L, M2=R - 1,
-        K0=ks[0], D0=ds[0], K1=ks[1], D1=ds[1], K2=ks[2], D2=ds[2], K3=ks[3], D3=ds[3],
-        SIGMOID=routing_method == "sigmoid", PREC="ieee" if proj_weight.dtype == torch.float32 else "tf32",
-        # exact float32 products need 8 warps (4 spill about 20 KB per thread on sm_90; bf16: 117 registers, none)
-        num_warps=8 if proj_weight.dtype == torch.float32 else 4,
+        W1, score.stride(0), score.stride(1), score.stride(2), **constexprs, num_warps=num_warps,
     )

@@ -23,10 +23,31 @@ graph.
 
 from __future__ import annotations
 
+from typing import Dict, Sequence, Tuple
+
 import triton
 import triton.language as tl
 
 MAX_LAYERS = 4
+
+
+def launch_constexprs(num_heads: int, head_dim: int, kernel_sizes: Sequence[int], dilations: Sequence[int],
+                      grouped: bool, sigmoid: bool, fp32: bool) -> Tuple[Dict[str, object], int]:
+    """The constexprs and the number of warps ``_lte_router_step_kernel`` runs with, for a stack of L <=
+    ``MAX_LAYERS`` convolutions (channels 2 hd, hd, ...; unused layers get kernel size 1) over H = ``num_heads`` kv
+    heads; ``grouped``: one stack per head; ``fp32``: float32 weights (exact products). Returns (constexprs,
+    num_warps): exact float32 products need 8 warps (4 spill about 20 KB per thread on sm_90; bf16 at 4 warps:
+    117 registers, none)."""
+    L = len(kernel_sizes)
+    R = 1 + sum((k - 1) * d for k, d in zip(kernel_sizes, dilations))
+    ks = list(kernel_sizes) + [1] * (MAX_LAYERS - L)
+    ds = list(dilations) + [1] * (MAX_LAYERS - L)
+    ch = [max(2 * head_dim >> j, 1) for j in range(MAX_LAYERS + 1)]
+    constexprs = dict(H=num_heads, HD=head_dim, R=R, TP=max(16, triton.next_power_of_2(R)), NL=L, GROUPED=grouped,
+                      C0=ch[0], C1=ch[1], C2=ch[2], C3=ch[3], C4=ch[4], CL=2 * head_dim >> L, M2=R - 1,
+                      **{f"K{j}": ks[j] for j in range(MAX_LAYERS)}, **{f"D{j}": ds[j] for j in range(MAX_LAYERS)},
+                      SIGMOID=sigmoid, PREC="ieee" if fp32 else "tf32")
+    return constexprs, 8 if fp32 else 4
 
 
 @triton.jit
