@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fla.ops.lte.router_step import lte_router_step, router_centre_logits, routing_activation
+from fla.ops.lte.router_step import lte_router_step, router_centre_logits, router_centre_scores, routing_activation
 from fla.ops.utils.index import prepare_lens, prepare_position_ids, prepare_sequence_ids
 from fla.utils import check_choice, check_cu_seqlens, check_non_negative_float, check_positive_int, check_tensor
 
@@ -360,14 +360,14 @@ class LTERouter(nn.Module):
             raise ValueError(f"x must be [batch, 2 * num_kv_heads * head_dim = {2 * H * self.head_dim}, "
                              f"receptive_field], got {list(x.shape)}")
         check_tensor("mask", mask, shape=(B, RF), dtype=torch.bool, device=x.device)
+        if RF != self.receptive_field:
+            raise ValueError(f"x must be [batch, channels, receptive_field={self.receptive_field}], got "
+                             f"{list(x.shape)}")
         if not self.routing_grad:
             x = x.detach()
-        if self.routing_shared == "head":
-            logits = self.conv_stack.forward_centre(x, mask)  # [B, H]
-        else:
-            logits = self.conv_stack.forward_centre(x.reshape(B * H, C // H, RF),
-                                                    mask.repeat_interleave(H, dim=0)).reshape(B, H)
-        return torch.where(mask[:, RF // 2, None], routing_activation(logits, self.routing_method), float("-inf"))
+        stack = self.conv_stack
+        return router_centre_scores(x, mask, H, *stack.centre_parameters(), stack.num_groups, self.routing_method,
+                                    stack.dropout_prob, stack.training)
 
     def decode_step(self, ring: torch.Tensor, ring_valid: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
                     real: torch.Tensor, pos: torch.Tensor, score: torch.Tensor, window_size: int) -> None:
@@ -381,9 +381,8 @@ class LTERouter(nn.Module):
                 slot (pos - margin) % (window_size + 1) (-inf when it is not a real token).
         """
         stack = self.conv_stack
-        groups = self.num_kv_heads if self.routing_shared == "head" else 1
         lte_router_step(ring, ring_valid, new_k, new_v, real, pos, score, window_size, *stack.centre_parameters(),
-                        groups, self.routing_method, stack.dropout_prob, self.training)
+                        stack.num_groups, self.routing_method, stack.dropout_prob, stack.training)
 
     def _score(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x [B, T, H, 2 hd], mask [B, T] bool or None -> score [B, T, H] float32."""

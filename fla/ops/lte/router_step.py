@@ -80,6 +80,42 @@ def routing_activation(logits: torch.Tensor, routing_method: str) -> torch.Tenso
     return torch.sigmoid(logits) - 0.5 if routing_method == "sigmoid" else torch.relu(logits)
 
 
+def router_centre_scores(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    num_heads: int,
+    conv_weights: Sequence[torch.Tensor],
+    conv_biases: Sequence[Optional[torch.Tensor]],
+    conv_dilation: Sequence[int],
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    groups: int,
+    routing_method: str,
+    dropout_prob: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """The centre's score of each head from a window of the router's input, RF positions in time order.
+
+    Args:
+        x: [B, H * 2 hd, RF] (H = ``num_heads``; per head its key then its value features), zero where ``mask`` is
+            False. mask: [B, RF] bool. conv_weights .. proj_bias: as ``router_centre_logits``.
+        groups: H (one stack per head, grouped convolutions over the whole x) or 1 (one stack for every head: each
+            head becomes a row of its own). routing_method: 'sigmoid' | 'relu' (``routing_activation``).
+
+    Returns [B, H] float32: the score of the window's centre, -inf where the centre is not a token.
+    """
+    B, C, RF = x.shape
+    if groups == num_heads:
+        logits = router_centre_logits(x, mask, conv_weights, conv_biases, conv_dilation, proj_weight, proj_bias,
+                                      groups, dropout_prob, training)
+    else:
+        logits = router_centre_logits(x.reshape(B * num_heads, C // num_heads, RF),
+                                      mask.repeat_interleave(num_heads, dim=0), conv_weights, conv_biases,
+                                      conv_dilation, proj_weight, proj_bias, 1, dropout_prob,
+                                      training).reshape(B, num_heads)
+    return torch.where(mask[:, RF // 2, None], routing_activation(logits, routing_method), float("-inf"))
+
+
 def _triton_supported(ring, conv_weights, conv_biases, proj_weight, head_dim, R) -> bool:
     from fla.ops.lte.router_step_kernels import MAX_LAYERS
 
@@ -180,16 +216,9 @@ def _router_step(ring, ring_valid, new_k, new_v, real, pos, score, W1, conv_weig
     order = (pos.long()[:, None] - 2 * m + torch.arange(R, device=ring.device)).remainder(R)  # [B, R] time order
     x = ring.gather(1, order[..., None].expand(B, R, C)).transpose(1, 2)  # [B, C, R]
     mask = ring_valid.gather(1, order)
-    if groups == H:
-        logits = router_centre_logits(x, mask, conv_weights, conv_biases, conv_dilation, proj_weight, proj_bias,
-                                      groups, dropout_prob, training)
-    else:
-        logits = router_centre_logits(x.reshape(B * H, C // H, R), mask.repeat_interleave(H, dim=0), conv_weights,
-                                      conv_biases, conv_dilation, proj_weight, proj_bias, 1, dropout_prob,
-                                      training).reshape(B, H)
-    centre = torch.where(mask[:, m, None], routing_activation(logits, routing_method), float("-inf"))
     target = (pos.long() - m).remainder(W1)
-    score[rows, target] = centre
+    score[rows, target] = router_centre_scores(x, mask, H, conv_weights, conv_biases, conv_dilation, proj_weight,
+                                               proj_bias, groups, routing_method, dropout_prob, training)
 
 
 def _lte_router_step_triton(ring, ring_valid, new_k, new_v, real, pos, score, W1, conv_weights, conv_biases,
