@@ -162,10 +162,9 @@ def lte_router_step(
     (>= 16), at most 4 convolutions, R <= 64 and one dtype for the ring and the weights; the torch path otherwise.
     """
     check_tensor("ring", ring, ndim=3)
-    B, R, C = ring.shape
-    H = new_k.shape[1] if new_k.ndim == 3 else -1
     check_tensor("new_k", new_k, ndim=3, device=ring.device)
-    hd = new_k.shape[2]
+    B, R, C = ring.shape
+    H, hd = new_k.shape[1:]
     if C != 2 * H * hd or R % 2 == 0:
         raise ValueError(f"ring must be [B, R (odd), 2 * H * hd] with new_k [B, H={H}, hd={hd}], got ring "
                          f"{list(ring.shape)}")
@@ -182,7 +181,7 @@ def lte_router_step(
     if len(conv_weights) != len(conv_dilation) or len(conv_biases) != len(conv_weights) or not conv_weights:
         raise ValueError(f"conv_weights, conv_biases and conv_dilation must have one entry per convolution (at "
                          f"least one), got {len(conv_weights)}, {len(conv_biases)} and {len(conv_dilation)}")
-    if conv_weights[0].shape[1] * groups != C // (1 if groups == H else H):
+    if conv_weights[0].shape[1] != 2 * hd:
         raise ValueError(f"the first convolution takes {conv_weights[0].shape[1]} channels per group, but the ring "
                          f"holds 2 * hd = {2 * hd} per head (groups={groups})")
     rf = 1 + sum((w.shape[-1] - 1) * d for w, d in zip(conv_weights, conv_dilation))
