@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fla.ops.lte.router_step import lte_router_step, router_centre_logits, router_centre_scores, routing_activation
+from fla.ops.lte.router_step import lte_router_step, router_centre_scores, routing_activation
 from fla.ops.utils.index import prepare_lens, prepare_position_ids, prepare_sequence_ids
 from fla.utils import check_choice, check_cu_seqlens, check_non_negative_float, check_positive_int, check_tensor
 
@@ -181,19 +181,6 @@ class LTEConvolutionStack(nn.Module):
                 x = x * m
             x = F.silu(x)
         return F.conv1d(x, self.proj.weight.squeeze(2).to(dtype), self.proj.bias.to(dtype), groups=self.num_groups)
-
-    def forward_centre(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The logits of the centre position only: x [N, G c_0, RF] (RF = ``receptive_field``), mask [N, RF] bool.
-
-        Returns [N, G] in the compute dtype, equal to ``forward(x, mask)[..., RF // 2]`` whenever the centre is
-        unmasked. Each convolution runs without padding on exactly the positions the centre depends on (layer j's
-        input spans centre +- sum_{i >= j} (k_i - 1) d_i / 2), so 'same' padding is never reached. The centre's
-        own mask at the last convolution is left out (a masked centre's logit is unspecified; the caller masks its
-        score): one launch less in a decode step, where every launch counts."""
-        if x.ndim != 3 or x.shape[-1] != self.receptive_field:
-            raise ValueError(f"x must be [N, channels, receptive_field={self.receptive_field}], got {list(x.shape)}")
-        return router_centre_logits(x, mask, *self.centre_parameters(), self.num_groups, self.dropout_prob,
-                                    self.training)
 
     def centre_parameters(self):
         """(conv weights [G c_{j+1}, c_j, k_j], conv biases, dilations, projection weight [G, c_J], projection

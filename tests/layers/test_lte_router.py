@@ -321,4 +321,4 @@ def test_score_centre_equals_full_window_score(shared, method):
     assert_close("centre score", got[torch.arange(B) != 4], want[torch.arange(B) != 4], 1e-6)  # float32 scores
     assert_close("reference", got[:4], reference_score(router, k, v, mask)[:4, RF // 2], 1e-6)
     with pytest.raises(ValueError, match="receptive_field"):
-        router.conv_stack.forward_centre(x[..., 1:], mask[:, 1:])
+        router.score_centre(x[..., 1:], mask[:, 1:])
