@@ -39,6 +39,7 @@ import torch
 from fla.ops.gated_delta_rule.chunk_common import make_chunking
 from fla.ops.gated_delta_rule.chunk_h import chunk_bwd_dhu, chunk_fwd_h
 from fla.ops.gated_delta_rule.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_fwd_o
+from fla.ops.gated_delta_rule.chunk_torch import chunk_gated_delta_rule_torch
 from fla.ops.gated_delta_rule.common import check_gdn_inputs
 from fla.ops.gated_delta_rule.wy_bwd import wy_bwd
 from fla.ops.gated_delta_rule.wy_fwd import chunk_scaled_dot_kkt_solve, recompute_w_u
@@ -100,17 +101,6 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dg.to(ctx.g_dtype), dbeta.to(beta.dtype), None, dh0, None, None
 
 
-def _torch_path(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-    try:
-        from fla.ops.gated_delta_rule.chunk_torch import chunk_gated_delta_rule_torch
-    except ImportError:  # the chunked torch path is not there yet: the exact token-by-token reference
-        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-
-        return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                                False, cu_seqlens)
-    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
-
-
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -144,7 +134,7 @@ def chunk_gated_delta_rule(
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     if not use_triton(q):
-        return _torch_path(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
     if q.shape[-1] > 256:
         raise ValueError(f"the Triton chunked gated delta rule supports head dimension K <= 256, got K={q.shape[-1]}")
