@@ -4,7 +4,8 @@ One line per ``metrics.log_freq`` steps on rank 0::
 
     step 40/300 | loss 6.1234 | lr 2.9e-04 | gnorm 1.234 | tok/s 12,345 | mem 1.23GiB | eta 00:01:23
 
-``tok/s`` counts the tokens of all data-parallel ranks since the previous line; on GPUs with a known peak an
+Extra metrics (the LTE controller's) follow as `` | name value``, floats with 4 significant digits (a lambda of 1e-09
+stays 1e-09). ``tok/s`` counts the tokens of all data-parallel ranks since the previous line; on GPUs with a known peak an
 ``mfu`` (percent, 6 FLOPs per non-embedding parameter per token) is appended; ``mem`` is the peak CUDA memory
 allocated (CPU runs: the process's peak resident set size); ``eta`` extrapolates the mean step time since the start
 of this run (resumed runs count from the resume).
@@ -100,9 +101,9 @@ class MetricsLogger:
                 f"tok/s {tps:,.0f} | mem {mem:.2f}GiB | eta {format_eta(eta)}")
         extra = dict(extra or {})
         if self.flops_per_token and self.peak_flops:
-            extra["mfu"] = round(100.0 * self.flops_per_token * tps / self.peak_flops, 2)
+            extra["mfu"] = 100.0 * self.flops_per_token * tps / self.peak_flops
         for k, v in extra.items():
-            line += f" | {k} {v}"
+            line += f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}"
         self.print(line)
         self.scalars(step, {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_second": tps,
                             "memory_gib": mem, **extra}, prefix="train/")

@@ -388,7 +388,7 @@ def train(cfg: JobConfig) -> dict:
         losses[step] = loss_val
         if step % cfg.metrics.log_freq == 0 or step == total or step == 1:
             extra = controller.metrics(step) if controller is not None else {}
-            logger.log(step, loss_val, lr, gnorm, {k: round(v, 6) for k, v in extra.items() if k in LTE_CONSOLE_METRICS})
+            logger.log(step, loss_val, lr, gnorm, {k: v for k, v in extra.items() if k in LTE_CONSOLE_METRICS})
             logger.scalars(step, extra)
         if cfg.checkpoint.enable_checkpoint and (step % cfg.checkpoint.interval == 0 or step == total):
             path = ckpt.checkpoint_dir(dump, cfg.checkpoint.folder, step)

@@ -251,6 +251,9 @@ def test_lte_controller_runs_in_the_loop_and_resumes(tmp_path, capsys):
     assert converted.keys() == weights.keys() and all(torch.equal(converted[k], weights[k]) for k in weights)
     assert convert_main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert lam.shape == (1, 2) and (lam > 0).all()  # the first update set lambda_init, later ones raised it
+    printed = [float(line.split("lte/overall_l1_lambda ")[1].split(" |")[0]) for line in out.splitlines()
+               if "lte/overall_l1_lambda " in line]
+    assert printed and abs(printed[-1] - lam.mean().item()) <= 1e-3 * lam.mean().item()  # step 6 updates lambda
     assert (weights["model.num_kept"] > 2).all()
     import shutil
 
