@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from evals.common import DTYPES, EvalArgumentError, check_int, load_model, model_device, model_name
+from evals.common import DTYPES, EvalArgumentError, check_int, load_model, model_device, model_name, model_source
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "corpus")
 
@@ -205,7 +205,7 @@ def _evaluate_models(args) -> List[Dict]:
     for i, path in enumerate(args.model):
         model, tokenizer = load_model(path, args.dtype, args.device, args.tokenizer)
         name = args.name[i] if args.name else model_name(path)
-        tok_path = args.tokenizer or path
+        tok_path = args.tokenizer or model_source(path)[0]
         if tok_path not in blocks_by_tokenizer:
             texts = load_texts(args.data, args.split, args.dataset_name, args.data_files)
             blocks_by_tokenizer[tok_path] = pack_documents(texts, tokenizer, args.block_size, args.max_blocks)
@@ -223,7 +223,8 @@ def _evaluate_models(args) -> List[Dict]:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     """The command line (see the module docstring); returns the result dicts (one per model)."""
     parser = argparse.ArgumentParser(prog="python -m evals.ppl", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", help="save_pretrained directories")
+    parser.add_argument("--model", nargs="+",
+                        help="save_pretrained directories; random-init:DIR for DIR's configuration untrained")
     parser.add_argument("--name", nargs="+", default=None, help="display names (default: from the paths)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: each model's directory)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="text file, data file, dataset folder or hub name")

@@ -216,7 +216,8 @@ def format_table(results: Dict[str, Dict[str, float]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     """The command line (see the module docstring); returns ``{model name: evaluate_recall(...)}``."""
     parser = argparse.ArgumentParser(prog="python -m evals.recall", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", required=True, help="save_pretrained directories")
+    parser.add_argument("--model", nargs="+", required=True,
+                        help="save_pretrained directories; random-init:DIR for DIR's configuration untrained")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: each model's directory)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)

@@ -98,15 +98,23 @@ def test_cli_writes_json_csv_and_plot(tmp_path):
         tok.save_pretrained(path)
         paths.append(str(path))
     out = tmp_path / "out"
-    results = ppl.main(["--model", *paths, "--block_size", "32", "--max_blocks", "4", "--bucket_size", "8",
-                        "--batch_size", "2", "--device", "cpu", "--output", str(out)])
-    assert [r["name"] for r in results] == ["a", "b"]
+    results = ppl.main(["--model", *paths, f"random-init:{paths[1]}", "--block_size", "32", "--max_blocks", "4",
+                        "--bucket_size", "8", "--batch_size", "2", "--device", "cpu", "--output", str(out)])
+    assert [r["name"] for r in results] == ["a", "b", "random-init-b"]
+    # b's configuration initialised afresh from seed 0, i.e. model a's weights, hence a's perplexity
+    assert results[2]["ppl"] == pytest.approx(results[0]["ppl"], rel=1e-6) and results[2]["ppl"] != results[1]["ppl"]
     for name in ("a", "b"):
         saved = json.load(open(out / f"{name}.json"))
         assert saved["tokens"] == 4 * 31 and len(saved["buckets"]) == 4
         rows = list(csv.DictReader(open(out / f"{name}.csv")))
         assert [r["start"] for r in rows] == ["0", "8", "16", "24", "all"]
         assert float(rows[-1]["ppl"]) == pytest.approx(saved["ppl"], rel=1e-3)
+    from evals.common import load_model, model_name
+
+    rng = torch.get_rng_state()
+    fresh, _ = load_model(f"random-init:{paths[1]}", device="cpu")
+    assert torch.equal(torch.get_rng_state(), rng) and not fresh.training  # the caller's random stream is untouched
+    assert model_name(f"random-init:{paths[1]}") == "random-init-b" and model_name(paths[0]) == "a"
     png = out / "loss_by_position.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     replot = tmp_path / "re.png"
@@ -127,4 +135,8 @@ def test_bad_arguments(blocks, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ppl.main(["--model", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert f"model={str(tmp_path)!r}: not a save_pretrained directory (no config.json)" in err
+    assert f"model={str(tmp_path)!r}: {str(tmp_path)!r} is not a save_pretrained directory (no config.json)" in err
+    with pytest.raises(SystemExit):
+        ppl.main(["--model", f"random-init:{tmp_path}", "--device", "cpu"])
+    assert f"model='random-init:{tmp_path}': {str(tmp_path)!r} is not a save_pretrained directory" in \
+        capsys.readouterr().err
