@@ -3,8 +3,9 @@
 Two implementations of the same function (``fla.ops.attn.naive.naive_attn`` is the float32 truth):
 
 - torch path (CPU, and CUDA with ``FLA_BACKEND=torch``): ``F.scaled_dot_product_attention``, with
-  ``is_causal=True`` for full attention and an explicit boolean [T, T] mask for a window; packed sequences run one
-  SDPA call each; GQA through ``enable_gqa``; autograd by torch.
+  ``is_causal=True`` for full attention, and for a window blocks of query rows each over the keys its window
+  reaches (``fla.ops.utils.sdpa.blocked_sdpa``: memory and work O(T w), not O(T^2); its backward recomputes one
+  block at a time); packed sequences run separately; GQA through ``enable_gqa``; otherwise autograd by torch.
 - Triton path (``fla.ops.attn.parallel_kernels``): flash-attention forward + backward kernels, the
   default on CUDA (their tests pass on an H200 with Triton 3.6).
 
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fla.ops.utils.sdpa import blocked_sdpa, masked_sdpa, query_block_rows
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, check_cu_seqlens, check_qkv, check_scale, use_triton
 
 
@@ -28,31 +30,40 @@ def _check_window(window_size) -> None:
         raise ValueError(f"window_size must be None (full causal attention) or an integer >= 1, got {window_size!r}")
 
 
-def _sdpa(q, k, v, scale: float, window_size: Optional[int], mask: Optional[torch.Tensor] = None):
-    """One batch of [B, T, H*, D] sequences through SDPA (causal, optionally windowed or with an explicit mask)."""
-    T, HQ, H = q.shape[1], q.shape[2], k.shape[2]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = {"enable_gqa": True} if HQ != H else {}
-    if mask is None and (window_size is None or window_size >= T):
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, **gqa)
-    else:
-        if mask is None:
-            idx = torch.arange(T, device=q.device)
-            mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window_size)
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **gqa)
-    return o.transpose(1, 2)
+def _sdpa(q, k, v, scale: float, window_size: Optional[int], query_block: Optional[int] = None):
+    """One batch of [B, T, H*, D] sequences through SDPA: causal (one call), or windowed in blocks of query rows, each
+    block over only the keys its window reaches (``fla.ops.utils.sdpa``)."""
+    B, T, HQ, H = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if window_size is None or window_size >= T:
+        gqa = {"enable_gqa": True} if HQ != H else {}
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           scale=scale, **gqa)
+        return o.transpose(1, 2)
+    rows = query_block or query_block_rows(B * HQ, T)
+    pos = torch.arange(T, device=q.device)
+
+    def block_keys(a: int, b: int):
+        lo = max(a - window_size + 1, 0)
+        i, j = pos[a:b, None], pos[None, lo:b]
+        return lo, None, (j <= i) & (i - j < window_size)
+
+    if rows >= T:
+        return masked_sdpa(q, k, v, block_keys(0, T)[2], scale)
+    return blocked_sdpa(q, k, v, scale, rows, block_keys)
 
 
 def parallel_attn_torch(q, k, v, scale: float, window_size: Optional[int] = None,
-                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        cu_seqlens: Optional[torch.Tensor] = None, query_block: Optional[int] = None) -> torch.Tensor:
     """Torch path: SDPA with the causal / window mask. Differentiable; o in q.dtype.
 
     Packed sequences run one SDPA call each (memory of the largest L^2, never of the packed total: a block-diagonal
-    mask over 32 packed 4K sequences would need 16 GiB)."""
+    mask over 32 packed 4K sequences would need 16 GiB). A window runs in blocks of ``query_block`` query rows
+    (default ``fla.ops.utils.sdpa.query_block_rows``), each over the w - 1 + rows keys it reaches: memory and work
+    O(T (w + rows)) instead of O(T^2)."""
     if cu_seqlens is None:
-        return _sdpa(q, k, v, scale, window_size).contiguous()
+        return _sdpa(q, k, v, scale, window_size, query_block).contiguous()
     bounds = cu_seqlens.tolist()
-    pieces = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, window_size)
+    pieces = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, window_size, query_block)
               for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(pieces, 1) if pieces else q.new_zeros(*q.shape[:3], v.shape[-1])
 

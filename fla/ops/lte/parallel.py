@@ -10,8 +10,9 @@ Two implementations (the float32 truth is ``fla.ops.lte.naive.naive_lte_attn``):
 - Triton (CUDA; ``fla.ops.lte.parallel_kernels``): flash-attention style tiles over the window plus a compacted
   list of the selected keys older than the window, with the score gradient fused into the dk/dv pass. Proven on an
   H200 (``tests/ops/lte``, gpu marker); default on CUDA, ``FLA_BACKEND=torch`` turns it off.
-- torch (CPU and ``FLA_BACKEND=torch``): SDPA with the dense [T, T] visibility mask of each key/value head (memory
-  B * H * T^2 bytes: fine for CPU-sized models, not for long GPU contexts).
+- torch (CPU and ``FLA_BACKEND=torch``): SDPA in blocks of query rows, each over its window's keys plus the
+  selected keys before them (gathered per key/value head), so memory and work grow with T (rows + w + selected),
+  not T^2.
 """
 
 from __future__ import annotations
@@ -19,31 +20,56 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from fla.ops.lte.naive import lte_visible_mask, straight_through_gate
 from fla.ops.lte.selection import select_tokens
+from fla.ops.utils.sdpa import blocked_sdpa, masked_sdpa, query_block_rows
 from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_qkv, check_scale, check_tensor, use_triton
 
 
-def _lte_sdpa(q, k, v, score, selected, window_size: int, scale: float) -> torch.Tensor:
-    """One batch of whole sequences [B, T, H*, D] through SDPA with the dense [B, H, T, T] visibility mask."""
-    G = q.shape[2] // k.shape[2]
-    visible = lte_visible_mask(selected, window_size).repeat_interleave(G, dim=1)
+def _lte_sdpa(q, k, v, score, selected, window_size: int, scale: float,
+              query_block: Optional[int] = None) -> torch.Tensor:
+    """One batch of whole sequences [B, T, H*, D] through SDPA, in blocks of query rows.
+
+    Block [a, b) attends to the keys [lo, b) with lo = a - w (causal, window or selected), and before lo only to the
+    selected keys, gathered per (sequence, kv head) in position order and padded to the largest count (a padded key
+    is masked). Memory and work O(T (rows + w + selected)) instead of O(T^2); one block (rows >= T) is the plain
+    dense-mask call."""
+    B, T, HQ, _ = q.shape
     v = straight_through_gate(v, score)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(G, dim=1),
-                                       v.transpose(1, 2).repeat_interleave(G, dim=1), attn_mask=visible, scale=scale)
-    return o.transpose(1, 2)
+    rows = query_block or query_block_rows(B * HQ, T)
+    if rows >= T:
+        return masked_sdpa(q, k, v, lte_visible_mask(selected, window_size), scale)
+    sel_t = selected.permute(0, 2, 1)  # [B, H, T]
+    order = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices  # selected positions first, in order
+    count = selected.cumsum(1)  # [B, T, H]: selected keys at or before t
+    pos = torch.arange(T, device=q.device)
+
+    def block_keys(a: int, b: int):
+        lo = max(a - window_size, 0)
+        i, j = pos[a:b, None], pos[None, lo:b]
+        mask = (j <= i) & ((i - j <= window_size) | sel_t[:, :, None, lo:b])  # [B, H, L, b - lo]
+        n_old = count[:, lo - 1] if lo > 0 else None  # [B, H]: selected keys before lo
+        m = int(n_old.max()) if n_old is not None else 0
+        if not m:
+            return lo, None, mask
+        real = torch.arange(m, device=q.device)[None, None, :] < n_old[..., None]  # [B, H, m]
+        return lo, order[:, :m], torch.cat([real[:, :, None, :].expand(-1, -1, b - a, -1), mask], -1)
+
+    return blocked_sdpa(q, k, v, scale, rows, block_keys)
 
 
 def parallel_lte_attn_torch(q, k, v, score, selected, window_size: int, scale: float,
-                            cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Torch path: SDPA over the dense visibility mask, one call per packed sequence (memory of the largest
-    L^2, never of the packed total); differentiable in q, k, v and score. o in q.dtype."""
+                            cu_seqlens: Optional[torch.Tensor] = None,
+                            query_block: Optional[int] = None) -> torch.Tensor:
+    """Torch path: SDPA over the visible keys, one call per packed sequence (memory of the largest sequence, never of
+    the packed total), in blocks of ``query_block`` query rows (default ``fla.ops.utils.sdpa.query_block_rows``);
+    differentiable in q, k, v and score. o in q.dtype."""
     if cu_seqlens is None:
-        return _lte_sdpa(q, k, v, score, selected, window_size, scale).contiguous()
+        return _lte_sdpa(q, k, v, score, selected, window_size, scale, query_block).contiguous()
     bounds = cu_seqlens.tolist()
-    pieces = [_lte_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], score[:, s:e], selected[:, s:e], window_size, scale)
+    pieces = [_lte_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], score[:, s:e], selected[:, s:e], window_size, scale,
+                        query_block)
               for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(pieces, 1) if pieces else q.new_zeros(*q.shape[:3], v.shape[-1])
 

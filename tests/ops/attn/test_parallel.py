@@ -29,10 +29,10 @@ def inputs(B, T, HQ, H, D, V, dtype, device):
     return q, k, v
 
 
-def check(q, k, v, window_size=None, cu_seqlens=None, scale=None, tol=None):
+def check(q, k, v, window_size=None, cu_seqlens=None, scale=None, tol=None, fn=parallel_attn):
     tol = TOL[q.dtype] if tol is None else tol
     q1, k1, v1 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    o = parallel_attn(q1, k1, v1, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens)
+    o = fn(q1, k1, v1, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens)
     assert o.dtype == q.dtype and o.shape == (*q.shape[:3], v.shape[-1])
     do = torch.randn_like(o)
     o.backward(do)
@@ -96,6 +96,22 @@ def test_parallel_attn_varlen_many_sequences(backend, device, window):
     cu = [0] + torch.tensor(lens).cumsum(0).tolist()
     q, k, v = inputs(1, cu[-1], 4, 1, 16, 16, torch.float32, device)
     check(q, k, v, window_size=window, cu_seqlens=torch.tensor(cu, device=device))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.parametrize("window,cu,dtype", [(7, None, torch.float32), (37, None, torch.float32),
+                                             (1, None, torch.float32), (99, None, torch.float32),
+                                             (20, [0, 45, 46, 100], torch.float32), (9, None, torch.bfloat16)])
+def test_parallel_attn_torch_query_blocks(rows, window, cu, dtype):
+    """The torch path's windowed attention in blocks of query rows, each over only the keys its window reaches,
+    forward and gradients (GQA, a block edge inside a window, packed sequences)."""
+    from functools import partial
+
+    from fla.ops.attn.parallel import parallel_attn_torch
+
+    q, k, v = inputs(2 if cu is None else 1, 100, 4, 2, 16, 24, dtype, "cpu")
+    fn = partial(parallel_attn_torch, query_block=rows)
+    check(q, k, v, window_size=window, cu_seqlens=None if cu is None else torch.tensor(cu), scale=0.25, fn=fn)
 
 
 def test_parallel_attn_strided_inputs(backend, device):

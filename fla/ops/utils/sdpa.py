@@ -1,0 +1,131 @@
+"""Masked ``scaled_dot_product_attention`` in blocks of query rows: what the torch (CPU) paths of the attention ops
+share.
+
+A boolean [T, T] mask makes SDPA compute and materialise every (query, key) pair: on the CPU the mask is turned into
+a float bias and the probabilities of a whole call are held at once (parallel_lte_attn's dense mask at T = 8192
+with 16 heads peaked at 5.1 GiB, T = 16384 would need about 20). ``blocked_sdpa`` cuts the queries into blocks, each
+over only the keys it can attend to (a window's keys, plus keys gathered by index, e.g. LTE's selected ones), which
+bounds the memory to one block and skips the masked work. Its backward recomputes one block at a time and
+accumulates the key / value gradients in place: plain autograd through per-block slices and gathers would
+materialise a full-length gradient per block (O(T^2 / rows) work; 74 s instead of 2 at T = 32768 in a test).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fla.utils import autocast_custom_bwd, autocast_custom_fwd
+
+MAX_BLOCK_ELEMENTS = 2 ** 25  # (batch x query heads x rows x keys) of one block's mask: ~160 MB of bias + mask
+
+
+def query_block_rows(batch_heads: int, keys: int, max_elements: int = MAX_BLOCK_ELEMENTS) -> int:
+    """Query rows per block: the largest power of two (at least 64) whose ``batch_heads x rows x keys`` mask holds
+    at most ``max_elements`` entries."""
+    rows = max(max_elements // max(batch_heads * keys, 1), 1)
+    return max(1 << (rows.bit_length() - 1), 64)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA on the [B, L, HQ, D] layout with a boolean mask given per key/value head.
+
+    Args:
+        q: [B, L, HQ, D]; k: [B, S, H, D]; v: [B, S, H, V]; HQ a multiple of H (query head hq uses kv head
+            hq // (HQ // H)).
+        mask: bool, True = attend, broadcastable to [B, H, L, S] (e.g. [L, S] or [B, H, L, S]). Every query row
+            must see at least one key.
+        scale: the logit scale.
+
+    Returns:
+        o [B, L, HQ, V] in q.dtype (a transposed view: call ``.contiguous()`` where it matters).
+    """
+    HQ, H = q.shape[2], k.shape[2]
+    if mask.dim() == 4 and mask.shape[1] == H and HQ != H:
+        mask = mask.repeat_interleave(HQ // H, dim=1)
+    gqa = {"enable_gqa": True} if HQ != H else {}
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=scale, **gqa)
+    return o.transpose(1, 2)
+
+
+# block_keys(a, b) -> (lo, idx, mask): the keys of query rows [a, b) are k[idx] (idx [B, m, H] long, per key/value
+# head, or None) followed by k[:, lo:b]; mask bool broadcastable to [B, H, b - a, m + b - lo]
+BlockKeys = Callable[[int, int], Tuple[int, Optional[torch.Tensor], torch.Tensor]]
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D], idx [B, m, H] -> [B, m, H, D]."""
+    return x.gather(1, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def _block_kv(k, v, lo: int, b: int, idx: Optional[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    ks, vs = [k[:, lo:b]], [v[:, lo:b]]
+    if idx is not None:
+        ks.insert(0, _gather(k, idx))
+        vs.insert(0, _gather(v, idx))
+    return ks, vs
+
+
+class BlockedSDPAFunction(torch.autograd.Function):
+    @staticmethod
+    @autocast_custom_fwd
+    def forward(ctx, q, k, v, scale: float, rows: int, block_keys: BlockKeys):
+        B, T, HQ, _ = q.shape
+        o = q.new_empty(B, T, HQ, v.shape[-1])
+        for a in range(0, T, rows):
+            b = min(a + rows, T)
+            lo, idx, mask = block_keys(a, b)
+            ks, vs = _block_kv(k, v, lo, b, idx)
+            o[:, a:b] = masked_sdpa(q[:, a:b], torch.cat(ks, 1), torch.cat(vs, 1), mask, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.rows, ctx.block_keys = scale, rows, block_keys
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @autocast_custom_bwd
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        T = q.shape[1]
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # summed over many blocks: float32
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for a in range(0, T, ctx.rows):
+            b = min(a + ctx.rows, T)
+            lo, idx, mask = ctx.block_keys(a, b)
+            qb = q[:, a:b].detach().requires_grad_(True)
+            ks, vs = _block_kv(k.detach(), v.detach(), lo, b, idx)
+            ks = [t.requires_grad_(True) for t in ks]
+            vs = [t.requires_grad_(True) for t in vs]
+            with torch.enable_grad():
+                ob = masked_sdpa(qb, torch.cat(ks, 1), torch.cat(vs, 1), mask, ctx.scale)
+            grads = torch.autograd.grad(ob, [qb, *ks, *vs], do[:, a:b])
+            dq[:, a:b] = grads[0]
+            dk_blk, dv_blk = grads[1:1 + len(ks)], grads[1 + len(ks):]
+            dk[:, lo:b] += dk_blk[-1]
+            dv[:, lo:b] += dv_blk[-1]
+            if idx is not None:
+                dk.scatter_add_(1, idx[..., None].expand(-1, -1, -1, k.shape[-1]), dk_blk[0].float())
+                dv.scatter_add_(1, idx[..., None].expand(-1, -1, -1, v.shape[-1]), dv_blk[0].float())
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def blocked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rows: int,
+                 block_keys: BlockKeys) -> torch.Tensor:
+    """Attention in blocks of ``rows`` query rows, each over the keys ``block_keys`` names; differentiable in q, k, v.
+
+    Args:
+        q: [B, T, HQ, D]; k: [B, T, H, D]; v: [B, T, H, V]; HQ a multiple of H.
+        scale: the logit scale. rows: query rows per block (``query_block_rows``).
+        block_keys: ``(a, b) -> (lo, idx, mask)`` for query rows [a, b): their keys are the gathered k[idx]
+            (idx [B, m, H] long, positions per key/value head; or None) followed by k[:, lo:b]; mask bool,
+            broadcastable to [B, H, b - a, m + b - lo], True = attend; every row must see a key. Called again, for
+            the same blocks, in the backward.
+
+    Returns:
+        o [B, T, HQ, V] in q.dtype.
+    """
+    return BlockedSDPAFunction.apply(q, k, v, scale, rows, block_keys)
