@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -25,6 +27,19 @@ def backend(name: str):
             os.environ.pop("FLA_BACKEND", None)
         else:
             os.environ["FLA_BACKEND"] = old
+
+
+def cpu_wall_ms(fn: Callable[[], object], budget_s: float = 2.0, max_reps: int = 20) -> float:
+    """Median wall time of ``fn()`` in ms: one warm-up call, then repeats until ``budget_s`` or ``max_reps`` (at
+    least one)."""
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100, grad_to_none=None) -> float:

@@ -12,30 +12,16 @@ path. Prints a progress line per measurement, then a table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable, List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import backend, print_table, write_json
+from benchmarks.common import backend, cpu_wall_ms, print_table, write_json
 from fla.ops.gated_delta_rule.chunk_torch import chunk_gated_delta_rule_torch
 from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from fla.utils.testing import relative_error
-
-
-def cpu_ms(fn: Callable[[], object], budget_s: float = 2.0, max_reps: int = 20) -> float:
-    """Median wall time of ``fn()`` in ms: one warm-up call, then repeats until ``budget_s`` or ``max_reps``."""
-    fn()
-    times: List[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (not times or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def make_inputs(B, T, H, K, V, requires_grad):
@@ -82,10 +68,10 @@ def bench_size(B, T, H, K, V, n_seqs: Optional[int], budget_s: float) -> dict:
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         for name, op in (("naive", naive), ("chunk", chunk_gated_delta_rule_torch)):
             if backward:
-                ms = cpu_ms(run_op(op, inputs, cu_seqlens, True), budget_s)
+                ms = cpu_wall_ms(run_op(op, inputs, cu_seqlens, True), budget_s)
             else:
                 with torch.no_grad():
-                    ms = cpu_ms(run_op(op, inputs, cu_seqlens, False), budget_s)
+                    ms = cpu_wall_ms(run_op(op, inputs, cu_seqlens, False), budget_s)
             row[f"{name} {mode} ms"] = ms
             print(f"  {label:32s} {name:6s} {mode:8s} {ms:10.2f} ms", flush=True)
         row[f"speed-up {mode}"] = row[f"naive {mode} ms"] / row[f"chunk {mode} ms"]
@@ -96,10 +82,10 @@ def bench_decode(B, H, K, V, budget_s: float) -> dict:
     q, k, v, g, beta = make_inputs(B, 1, H, K, V, requires_grad=False)
     state = torch.randn(B, H, K, V)
     with torch.no_grad(), backend("torch"):
-        ms = cpu_ms(lambda: fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state,
+        ms = cpu_wall_ms(lambda: fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state,
                                                              output_final_state=True,
                                                              use_qk_l2norm_in_kernel=True), budget_s, 200)
-        ref_ms = cpu_ms(lambda: naive(q, k, v, g, beta, None, state, True), budget_s, 200)
+        ref_ms = cpu_wall_ms(lambda: naive(q, k, v, g, beta, None, state, True), budget_s, 200)
     print(f"  decode B{B} H{H} K{K} V{V}: fused_recurrent {ms * 1e3:.0f} us, naive {ref_ms * 1e3:.0f} us", flush=True)
     return {"size": f"decode B{B} T1 H{H} K{K} V{V}", "fused_recurrent us": ms * 1e3, "naive us": ref_ms * 1e3}
 

@@ -12,6 +12,7 @@ CASES = {
     "ops": ["ops.txt", "ops.json"],
     "generation": ["generation.csv", "generation.json", "latency.png", "memory.png", "decode.png"],
     "training": ["training.csv", "training.json", "training.txt", "profile_lalte_T128.txt"],
+    "ops.benchmark_attn_cpu": ["attn_cpu.json", "attn_cpu.txt", "attn_cpu.png"],
 }
 # generation: the graph-replayed decode step too (emulated on the CPU), so the --cuda-graph path runs in CI
 EXTRA_ARGS = {"training": ["--profile"], "generation": ["--cuda-graph"]}
