@@ -45,10 +45,10 @@ def _sdpa(q, k, v, scale: float, window_size: Optional[int], query_block: Option
     def block_keys(a: int, b: int):
         lo = max(a - window_size + 1, 0)
         i, j = pos[a:b, None], pos[None, lo:b]
-        return lo, None, (j <= i) & (i - j < window_size)
+        return lo, b, None, (j <= i) & (i - j < window_size)
 
     if rows >= T:
-        return masked_sdpa(q, k, v, block_keys(0, T)[2], scale)
+        return masked_sdpa(q, k, v, block_keys(0, T)[3], scale)
     return blocked_sdpa(q, k, v, scale, rows, block_keys)
 
 

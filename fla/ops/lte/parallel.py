@@ -52,9 +52,9 @@ def _lte_sdpa(q, k, v, score, selected, window_size: int, scale: float,
         n_old = count[:, lo - 1] if lo > 0 else None  # [B, H]: selected keys before lo
         m = int(n_old.max()) if n_old is not None else 0
         if not m:
-            return lo, None, mask
+            return lo, b, None, mask
         real = torch.arange(m, device=q.device)[None, None, :] < n_old[..., None]  # [B, H, m]
-        return lo, order[:, :m], torch.cat([real[:, :, None, :].expand(-1, -1, b - a, -1), mask], -1)
+        return lo, b, order[:, :m], torch.cat([real[:, :, None, :].expand(-1, -1, b - a, -1), mask], -1)
 
     return blocked_sdpa(q, k, v, scale, rows, block_keys)
 

@@ -4,8 +4,8 @@ Semantics: ``fla.ops.nsa.naive`` (the float32 truth). Two implementations:
 
 - torch path (CPU; ``FLA_BACKEND=torch`` on CUDA): vectorised float32 computation per (dense batch | packed
   sequence): compressed attention over mean-pooled complete blocks, top-k block selection (non-differentiable),
-  selected attention through a dense block mask by query chunks (bounded peak memory without autograd; O(HQ T_q T_k)
-  saved with autograd), sliding-window attention (``fla.ops.attn.parallel_attn`` when T_q = T_k, else a masked
+  selected attention through a dense block mask by query chunks (``fla.ops.utils.sdpa.blocked_sdpa``: bounded peak
+  memory, with autograd too), sliding-window attention (``fla.ops.attn.parallel_attn`` when T_q = T_k, else a masked
   softmax); gradients by autograd.
 - Triton path (default on CUDA): compressed attention forward + backward and the block ranking
   (``fla.ops.nsa.compression_kernels``; mean pooling and ``torch.topk`` stay in torch), selected-block attention
@@ -24,6 +24,7 @@ import torch
 
 from fla.ops.nsa.compression import blocks_to_token_mask, compression_attention, mean_pool_blocks, select_blocks
 from fla.ops.nsa.naive import CuSeqlens, split_cu_seqlens
+from fla.ops.utils.sdpa import blocked_sdpa, masked_sdpa
 from fla.utils import check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor, use_triton
 
 
@@ -50,18 +51,23 @@ _SCORE_ELEMENTS_PER_CHUNK = 1 << 24
 
 
 def _selected_attention_torch(qf, kf, vf, block_indices, block_size, positions, scale):
-    """Selected-block attention through a dense block mask, by query chunks (each chunk only reads the keys up to
-    its last query: bounded peak memory in inference, half the work of a full mask)."""
-    B, Tq, H, G, _ = qf.shape
+    """Selected-block attention through a dense block mask, by query chunks, each over the keys up to its last
+    query (``fla.ops.utils.sdpa.blocked_sdpa``: bounded peak memory, with autograd too, and half the work of a full
+    mask). qf [B, Tq, H, G, D], kf / vf [B, Tk, H, *] -> [B, Tq, H, G, V]; a query with no selected key gets 0."""
+    B, Tq, H, G, D = qf.shape
     Tk = kf.shape[1]
     rows = max(1, _SCORE_ELEMENTS_PER_CHUNK // max(1, H * G * Tk))
-    outs = []
-    for t0 in range(0, Tq, rows):
-        t1 = min(Tq, t0 + rows)
-        keys = int(positions[t1 - 1]) + 1
-        mask = blocks_to_token_mask(block_indices[:, t0:t1], keys, block_size, positions[t0:t1])
-        outs.append(_masked_softmax_attention(qf[:, t0:t1], kf[:, :keys], vf[:, :keys], mask, scale))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    q = qf.reshape(B, Tq, H * G, D)  # query head h * G + g reads kv head h
+
+    def block_keys(a: int, b: int):
+        keys = int(positions[b - 1]) + 1
+        return 0, keys, None, blocks_to_token_mask(block_indices[:, a:b], keys, block_size, positions[a:b])
+
+    if rows >= Tq:
+        o = masked_sdpa(q, kf, vf, block_keys(0, Tq)[3], scale)
+    else:
+        o = blocked_sdpa(q, kf, vf, scale, rows, block_keys)
+    return o.reshape(B, Tq, H, G, vf.shape[-1])
 
 
 def _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale, block_indices):

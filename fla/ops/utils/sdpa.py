@@ -35,8 +35,8 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     Args:
         q: [B, L, HQ, D]; k: [B, S, H, D]; v: [B, S, H, V]; HQ a multiple of H (query head hq uses kv head
             hq // (HQ // H)).
-        mask: bool, True = attend, broadcastable to [B, H, L, S] (e.g. [L, S] or [B, H, L, S]). Every query row
-            must see at least one key.
+        mask: bool, True = attend, broadcastable to [B, H, L, S] (e.g. [L, S] or [B, H, L, S]). A query row that
+            sees no key gets 0 (and passes no gradient).
         scale: the logit scale.
 
     Returns:
@@ -45,15 +45,21 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     HQ, H = q.shape[2], k.shape[2]
     if mask.dim() == 4 and mask.shape[1] == H and HQ != H:
         mask = mask.repeat_interleave(HQ // H, dim=1)
+    empty = ~mask.any(-1, keepdim=True)  # [..., L, 1]
+    has_empty = bool(empty.any())
+    if has_empty:  # SDPA would give NaN there: let such rows see every key, then zero them
+        mask = mask | empty
     gqa = {"enable_gqa": True} if HQ != H else {}
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        scale=scale, **gqa)
+    if has_empty:
+        o = o.masked_fill(empty, 0.0)  # empty broadcasts to o's [B, HQ, L, V]
     return o.transpose(1, 2)
 
 
-# block_keys(a, b) -> (lo, idx, mask): the keys of query rows [a, b) are k[idx] (idx [B, m, H] long, per key/value
-# head, or None) followed by k[:, lo:b]; mask bool broadcastable to [B, H, b - a, m + b - lo]
-BlockKeys = Callable[[int, int], Tuple[int, Optional[torch.Tensor], torch.Tensor]]
+# block_keys(a, b) -> (lo, hi, idx, mask): the keys of query rows [a, b) are k[idx] (idx [B, m, H] long, per
+# key/value head, or None) followed by k[:, lo:hi]; mask bool broadcastable to [B, H, b - a, m + hi - lo]
+BlockKeys = Callable[[int, int], Tuple[int, int, Optional[torch.Tensor], torch.Tensor]]
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -61,8 +67,8 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
-def _block_kv(k, v, lo: int, b: int, idx: Optional[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    ks, vs = [k[:, lo:b]], [v[:, lo:b]]
+def _block_kv(k, v, lo: int, hi: int, idx: Optional[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    ks, vs = [k[:, lo:hi]], [v[:, lo:hi]]
     if idx is not None:
         ks.insert(0, _gather(k, idx))
         vs.insert(0, _gather(v, idx))
@@ -77,8 +83,8 @@ class BlockedSDPAFunction(torch.autograd.Function):
         o = q.new_empty(B, T, HQ, v.shape[-1])
         for a in range(0, T, rows):
             b = min(a + rows, T)
-            lo, idx, mask = block_keys(a, b)
-            ks, vs = _block_kv(k, v, lo, b, idx)
+            lo, hi, idx, mask = block_keys(a, b)
+            ks, vs = _block_kv(k, v, lo, hi, idx)
             o[:, a:b] = masked_sdpa(q[:, a:b], torch.cat(ks, 1), torch.cat(vs, 1), mask, scale)
         ctx.save_for_backward(q, k, v)
         ctx.scale, ctx.rows, ctx.block_keys = scale, rows, block_keys
@@ -95,9 +101,9 @@ class BlockedSDPAFunction(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for a in range(0, T, ctx.rows):
             b = min(a + ctx.rows, T)
-            lo, idx, mask = ctx.block_keys(a, b)
+            lo, hi, idx, mask = ctx.block_keys(a, b)
             qb = q[:, a:b].detach().requires_grad_(True)
-            ks, vs = _block_kv(k.detach(), v.detach(), lo, b, idx)
+            ks, vs = _block_kv(k.detach(), v.detach(), lo, hi, idx)
             ks = [t.requires_grad_(True) for t in ks]
             vs = [t.requires_grad_(True) for t in vs]
             with torch.enable_grad():
@@ -105,8 +111,8 @@ class BlockedSDPAFunction(torch.autograd.Function):
             grads = torch.autograd.grad(ob, [qb, *ks, *vs], do[:, a:b])
             dq[:, a:b] = grads[0]
             dk_blk, dv_blk = grads[1:1 + len(ks)], grads[1 + len(ks):]
-            dk[:, lo:b] += dk_blk[-1]
-            dv[:, lo:b] += dv_blk[-1]
+            dk[:, lo:hi] += dk_blk[-1]
+            dv[:, lo:hi] += dv_blk[-1]
             if idx is not None:
                 dk.scatter_add_(1, idx[..., None].expand(-1, -1, -1, k.shape[-1]), dk_blk[0].float())
                 dv.scatter_add_(1, idx[..., None].expand(-1, -1, -1, v.shape[-1]), dv_blk[0].float())
@@ -120,10 +126,10 @@ def blocked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     Args:
         q: [B, T, HQ, D]; k: [B, T, H, D]; v: [B, T, H, V]; HQ a multiple of H.
         scale: the logit scale. rows: query rows per block (``query_block_rows``).
-        block_keys: ``(a, b) -> (lo, idx, mask)`` for query rows [a, b): their keys are the gathered k[idx]
-            (idx [B, m, H] long, positions per key/value head; or None) followed by k[:, lo:b]; mask bool,
-            broadcastable to [B, H, b - a, m + b - lo], True = attend; every row must see a key. Called again, for
-            the same blocks, in the backward.
+        block_keys: ``(a, b) -> (lo, hi, idx, mask)`` for query rows [a, b): their keys are the gathered k[idx]
+            (idx [B, m, H] long, positions per key/value head; or None) followed by k[:, lo:hi]; mask bool,
+            broadcastable to [B, H, b - a, m + hi - lo], True = attend (a row that sees no key gets 0). Called
+            again, for the same blocks, in the backward.
 
     Returns:
         o [B, T, HQ, V] in q.dtype.
