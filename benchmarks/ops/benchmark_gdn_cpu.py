@@ -83,8 +83,8 @@ def bench_decode(B, H, K, V, budget_s: float) -> dict:
     state = torch.randn(B, H, K, V)
     with torch.no_grad(), backend("torch"):
         ms = cpu_wall_ms(lambda: fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state,
-                                                             output_final_state=True,
-                                                             use_qk_l2norm_in_kernel=True), budget_s, 200)
+                                                                  output_final_state=True,
+                                                                  use_qk_l2norm_in_kernel=True), budget_s, 200)
         ref_ms = cpu_wall_ms(lambda: naive(q, k, v, g, beta, None, state, True), budget_s, 200)
     print(f"  decode B{B} H{H} K{K} V{V}: fused_recurrent {ms * 1e3:.0f} us, naive {ref_ms * 1e3:.0f} us", flush=True)
     return {"size": f"decode B{B} T1 H{H} K{K} V{V}", "fused_recurrent us": ms * 1e3, "naive us": ref_ms * 1e3}

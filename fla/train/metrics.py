@@ -5,8 +5,8 @@ One line per ``metrics.log_freq`` steps on rank 0::
     step 40/300 | loss 6.1234 | lr 2.9e-04 | gnorm 1.234 | tok/s 12,345 | mem 1.23GiB | eta 00:01:23
 
 Extra metrics (the LTE controller's) follow as `` | name value``, floats with 4 significant digits (a lambda of 1e-09
-stays 1e-09). ``tok/s`` counts the tokens of all data-parallel ranks since the previous line; on GPUs with a known peak an
-``mfu`` (percent, 6 FLOPs per non-embedding parameter per token) is appended; ``mem`` is the peak CUDA memory
+stays 1e-09). ``tok/s`` counts the tokens of all data-parallel ranks since the previous line; on GPUs with a known
+peak an ``mfu`` (percent, 6 FLOPs per non-embedding parameter per token) is appended; ``mem`` is the peak CUDA memory
 allocated (CPU runs: the process's peak resident set size); ``eta`` extrapolates the mean step time since the start
 of this run (resumed runs count from the resume).
 """

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fla.ops.utils.sdpa import blocked_sdpa, masked_sdpa, query_block_rows
+from fla.ops.utils.sdpa import blocked_sdpa, query_block_rows
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, check_cu_seqlens, check_qkv, check_scale, use_triton
 
 
@@ -47,8 +47,6 @@ def _sdpa(q, k, v, scale: float, window_size: Optional[int], query_block: Option
         i, j = pos[a:b, None], pos[None, lo:b]
         return lo, b, None, (j <= i) & (i - j < window_size)
 
-    if rows >= T:
-        return masked_sdpa(q, k, v, block_keys(0, T)[3], scale)
     return blocked_sdpa(q, k, v, scale, rows, block_keys)
 
 

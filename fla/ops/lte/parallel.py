@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from fla.ops.lte.naive import lte_visible_mask, straight_through_gate
+from fla.ops.lte.naive import straight_through_gate
 from fla.ops.lte.selection import select_tokens
-from fla.ops.utils.sdpa import blocked_sdpa, masked_sdpa, query_block_rows
+from fla.ops.utils.sdpa import blocked_sdpa, query_block_rows
 from fla.utils import FLOAT_DTYPES, check_cu_seqlens, check_qkv, check_scale, check_tensor, use_triton
 
 
@@ -38,8 +38,6 @@ def _lte_sdpa(q, k, v, score, selected, window_size: int, scale: float,
     B, T, HQ, _ = q.shape
     v = straight_through_gate(v, score)
     rows = query_block or query_block_rows(B * HQ, T)
-    if rows >= T:
-        return masked_sdpa(q, k, v, lte_visible_mask(selected, window_size), scale)
     sel_t = selected.permute(0, 2, 1)  # [B, H, T]
     order = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices  # selected positions first, in order
     count = selected.cumsum(1)  # [B, T, H]: selected keys at or before t

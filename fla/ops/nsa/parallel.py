@@ -24,7 +24,7 @@ import torch
 
 from fla.ops.nsa.compression import blocks_to_token_mask, compression_attention, mean_pool_blocks, select_blocks
 from fla.ops.nsa.naive import CuSeqlens, split_cu_seqlens
-from fla.ops.utils.sdpa import blocked_sdpa, masked_sdpa
+from fla.ops.utils.sdpa import blocked_sdpa
 from fla.utils import check_cu_seqlens, check_positive_int, check_qkv, check_scale, check_tensor, use_triton
 
 
@@ -55,19 +55,14 @@ def _selected_attention_torch(qf, kf, vf, block_indices, block_size, positions, 
     query (``fla.ops.utils.sdpa.blocked_sdpa``: bounded peak memory, with autograd too, and half the work of a full
     mask). qf [B, Tq, H, G, D], kf / vf [B, Tk, H, *] -> [B, Tq, H, G, V]; a query with no selected key gets 0."""
     B, Tq, H, G, D = qf.shape
-    Tk = kf.shape[1]
-    rows = max(1, _SCORE_ELEMENTS_PER_CHUNK // max(1, H * G * Tk))
+    rows = max(1, _SCORE_ELEMENTS_PER_CHUNK // max(1, H * G * kf.shape[1]))
     q = qf.reshape(B, Tq, H * G, D)  # query head h * G + g reads kv head h
 
     def block_keys(a: int, b: int):
         keys = int(positions[b - 1]) + 1
         return 0, keys, None, blocks_to_token_mask(block_indices[:, a:b], keys, block_size, positions[a:b])
 
-    if rows >= Tq:
-        o = masked_sdpa(q, kf, vf, block_keys(0, Tq)[3], scale)
-    else:
-        o = blocked_sdpa(q, kf, vf, scale, rows, block_keys)
-    return o.reshape(B, Tq, H, G, vf.shape[-1])
+    return blocked_sdpa(q, kf, vf, scale, rows, block_keys).reshape(B, Tq, H, G, vf.shape[-1])
 
 
 def _nsa_dense(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale, block_indices):

@@ -124,7 +124,7 @@ def blocked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """Attention in blocks of ``rows`` query rows, each over the keys ``block_keys`` names; differentiable in q, k, v.
 
     Args:
-        q: [B, T, HQ, D]; k: [B, T, H, D]; v: [B, T, H, V]; HQ a multiple of H.
+        q: [B, T, HQ, D]; k: [B, S, H, D]; v: [B, S, H, V] (S keys, e.g. S = T); HQ a multiple of H.
         scale: the logit scale. rows: query rows per block (``query_block_rows``).
         block_keys: ``(a, b) -> (lo, hi, idx, mask)`` for query rows [a, b): their keys are the gathered k[idx]
             (idx [B, m, H] long, positions per key/value head; or None) followed by k[:, lo:hi]; mask bool,
@@ -132,6 +132,11 @@ def blocked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
             again, for the same blocks, in the backward.
 
     Returns:
-        o [B, T, HQ, V] in q.dtype.
+        o [B, T, HQ, V] in q.dtype. With one block (rows >= T) it is a plain call, differentiated by autograd.
     """
+    T = q.shape[1]
+    if rows >= T:
+        lo, hi, idx, mask = block_keys(0, T)
+        ks, vs = _block_kv(k, v, lo, hi, idx)
+        return masked_sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), mask, scale)
     return BlockedSDPAFunction.apply(q, k, v, scale, rows, block_keys)
